@@ -1,0 +1,183 @@
+"""Orbax checkpoints: train state + data iterator position + config + tokenizer.
+
+Layout: WORKDIR/checkpoints/<step>/{state,data,config,tokenizer}. Orbax writes
+each step into a temporary directory and renames it when complete, so a run
+killed mid-save never leaves a step that looks finished. A step that is present
+but unreadable (a damaged disk, a truncated copy) is skipped with a warning and
+the previous one restored.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from gptjax.config import CheckpointConfig
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used with the current config."""
+
+
+def checkpoint_dir(workdir: Path) -> Path:
+    return Path(workdir).absolute() / "checkpoints"
+
+
+class Checkpointer:
+    """The run's CheckpointManager, with restore-with-fallback and metadata reads."""
+
+    def __init__(self, directory: Path, cfg: CheckpointConfig | None = None):
+        cfg = cfg or CheckpointConfig()
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True
+        )
+        # Handlers named up front, so a fresh manager (a resumed run) can read metadata.
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+            "tokenizer": ocp.JsonCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+        }
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=handlers
+        )
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, data_iterator, config: dict, tokenizer: dict) -> None:
+        items = dict(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(config),
+            tokenizer=ocp.args.JsonSave(tokenizer),
+        )
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def read_json(self, step: int) -> tuple[dict, dict]:
+        """(config dict, tokenizer record) saved with a step."""
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                config=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore()
+            ),
+        )
+        return out["config"], out["tokenizer"]
+
+    def check_shapes(self, step: int, abstract_state, model_config: dict | None = None) -> None:
+        """Fail clearly when the stored parameters do not have the config's shapes,
+        naming the model fields that differ when the caller gives its model config."""
+        stored = self.manager.item_metadata(step)["state"]
+        stored_params = stored.tree["params"]
+        want = {
+            jax.tree_util.keystr(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_leaves_with_path(abstract_state.params)
+        }
+        have = {
+            jax.tree_util.keystr(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_leaves_with_path(stored_params)
+        }
+        if want != have:
+            diffs = [
+                f"{k}: checkpoint {have.get(k)} vs config {want.get(k)}"
+                for k in sorted(set(want) | set(have))
+                if want.get(k) != have.get(k)
+            ]
+            fields = ""
+            if model_config is not None:
+                stored_model = self.read_json(step)[0].get("model", {})
+                fields = "; ".join(
+                    f"model.{k}: checkpoint {stored_model.get(k)} vs config {v}"
+                    for k, v in model_config.items()
+                    if k in stored_model and stored_model[k] != v
+                )
+                fields = f" ({fields})" if fields else ""
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} holds a model of another shape "
+                f"than the config{fields}: "
+                + "; ".join(diffs[:8])
+                + (" ..." if len(diffs) > 8 else "")
+            )
+
+    def restore(
+        self, abstract_state, data_iterator=None, step: int | None = None, model_config=None
+    ):
+        """Restore the newest readable step (or `step`) onto abstract_state's shardings.
+
+        Returns (step, state, config dict, tokenizer record); data_iterator is
+        restored in place. A step that fails to read falls back to the one before,
+        with a warning; a shape mismatch is an error, not a fallback.
+        """
+        candidates = [step] if step is not None else self.steps()[::-1]
+        if not candidates:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        errors = []
+        for s in candidates:
+            try:
+                self.check_shapes(s, abstract_state, model_config)
+            except CheckpointError:
+                raise
+            except Exception as e:  # unreadable metadata: treat as a damaged step
+                errors.append((s, e))
+                log.warning("checkpoint step %d is unreadable (%s); trying an older one", s, e)
+                continue
+            items = dict(
+                state=ocp.args.StandardRestore(abstract_state),
+                config=ocp.args.JsonRestore(),
+                tokenizer=ocp.args.JsonRestore(),
+            )
+            if data_iterator is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            try:
+                out = self.manager.restore(s, args=ocp.args.Composite(**items))
+            except Exception as e:
+                errors.append((s, e))
+                log.warning("checkpoint step %d is unreadable (%s); trying an older one", s, e)
+                continue
+            if errors:
+                self._set_aside([e[0] for e in errors])
+                log.warning(
+                    "restored step %d after skipping damaged steps %s", s, [e[0] for e in errors]
+                )
+            return s, out["state"], out["config"], out["tokenizer"]
+        raise CheckpointError(
+            f"no readable checkpoint in {self.directory}: "
+            + "; ".join(f"step {s}: {e}" for s, e in errors)
+        )
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move damaged steps to checkpoints_damaged/ (kept for inspection, never deleted)
+        so the resumed run can save those step numbers again."""
+        if jax.process_index() == 0:
+            aside = self.directory.parent / f"{self.directory.name}_damaged"
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                target = aside / str(step)
+                n = 0
+                while target.exists():
+                    n += 1
+                    target = aside / f"{step}.{n}"
+                (self.directory / str(step)).rename(target)
+                log.warning("moved damaged checkpoint step %d to %s", step, target)
+        self.manager.reload()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_with_shardings(abstract_tree, shardings):
+    """ShapeDtypeStructs that carry the target shardings, so a restore reshards."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings
+    )

@@ -1,0 +1,99 @@
+"""The `gptjax` command: parses arguments and dispatches. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`--config.a.b=value` or `--config.a.b value` -> ["a.b=value", ...]."""
+    overrides, i = [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--config."):
+            parser.error(f"unrecognized argument: {arg}")
+        key = arg[len("--config.") :]
+        if "=" not in key:
+            if i + 1 >= len(extra):
+                parser.error(f"{arg} needs a value")
+            key, i = f"{key}={extra[i + 1]}", i + 1
+        overrides.append(key)
+        i += 1
+    return overrides
+
+
+def _train(args, overrides) -> int:
+    from gptjax import config as config_lib
+
+    try:
+        cfg = config_lib.load(args.config, overrides)
+    except config_lib.ConfigError as e:
+        print(f"gptjax: config error: {e}", file=sys.stderr)
+        return 2
+    from gptjax import train
+    from gptjax.checkpoint import CheckpointError
+    from gptjax.data import DataError
+
+    try:
+        train.train(cfg, args.workdir)
+    except (config_lib.ConfigError, DataError, CheckpointError) as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return 2
+    except train.NonFiniteLoss as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return 3
+    except train.Preempted as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return 143
+    return 0
+
+
+def _tokenizer_train(args, _overrides) -> int:
+    from gptjax.data import DataError
+    from gptjax.tokenizer import train_sentencepiece
+
+    try:
+        out = train_sentencepiece(args.input, args.vocab_size, args.output)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptjax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="pretrain (or resume) a GPT")
+    p.add_argument("--config", required=True, help="configs/X.py")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics and logs go here")
+    p.epilog = "Any config field can be overridden: --config.train.steps=100"
+    p.set_defaults(func=_train, takes_overrides=True)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a sentencepiece model (lossless round-trip)")
+    t.add_argument("--input", nargs="+", required=True, help="text files")
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--output", required=True, help="path of the .model file to write")
+    t.set_defaults(func=_tokenizer_train, takes_overrides=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = _split_overrides(extra, parser) if args.takes_overrides else []
+    if extra and not args.takes_overrides:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args.func(args, overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Run metrics: MFU accounting, metrics.jsonl + TensorBoard + console, the loss plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+
+# Dense peak FLOP/s per device for the compute dtype that matters (bf16 on
+# accelerators). A CPU has no meaningful per-device figure: simulated CPU
+# devices share the host's cores, so the CPU entry is per process (host).
+PEAK_FLOPS = {
+    "h100": 989e12,
+    "h200": 989e12,
+    "a100": 312e12,
+    "tpu v4": 275e12,
+    "tpu v5p": 459e12,
+    "tpu v5 lite": 197e12,  # v5e
+    "tpu v5e": 197e12,
+    "tpu v6 lite": 918e12,  # v6e
+    "cpu": 150e9,  # JAX f32 matmul on a small x86 host; set train.peak_flops for yours
+}
+
+
+def peak_flops_total(override: float = 0.0) -> float:
+    """Peak FLOP/s of all devices of the run (per device x devices; per host on CPU)."""
+    device = jax.devices()[0]
+    kind = device.device_kind.lower()
+    per = override
+    if not per:
+        matches = [v for k, v in PEAK_FLOPS.items() if k in kind or k in device.platform]
+        per = matches[0] if matches else 0.0
+    if device.platform == "cpu":
+        return per * jax.process_count()
+    return per * jax.device_count()
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to WORKDIR/metrics.jsonl and mirrors scalars
+    to TensorBoard. Only process 0 writes."""
+
+    def __init__(self, workdir: Path, start_step: int = 0, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        self._truncate_after(start_step)
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: drop their old lines."""
+        if not self.path.exists():
+            return
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: float(v) for k, v in values.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in values.items():
+            if math.isfinite(float(v)):
+                self.tb.add_scalar(k, float(v), step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(workdir: Path) -> Path | None:
+    """WORKDIR/loss.png: training loss and validation loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(workdir)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(workdir) / "loss.png"
+    tmp = out.with_name("loss.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

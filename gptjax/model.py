@@ -1,0 +1,335 @@
+"""The GPT decoder: one module family for GPT-1, GPT-2, GPT-3 and common variants.
+
+Every parameter carries logical axis names (`out_sharding` metadata); gptjax/sharding.py
+maps them to mesh axes. Layers are stacked (a leading "layers" axis) and applied
+with `jax.lax.scan`, so compile time does not grow with depth.
+
+Shape suffixes: B batch, L sequence, D d_model, N query heads, K kv heads,
+H head dim, F ffn dim, V (padded) vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptjax.config import ModelConfig
+from gptjax.sharding import constrain
+
+# Parameters are created unsharded (under eval_shape or a jit whose out_shardings
+# come from sharding.py); Flax must not try to place them itself.
+nnx.use_eager_sharding(False)
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
+    if std == 0.0:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = std * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, out_sharding=axes)
+
+
+def _ones(shape, axes, dtype) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, dtype), out_sharding=axes)
+
+
+def _dropout(x, rate: float, rng):
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Norm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.param_dtype)
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.scale = _ones((cfg.d_model,), ("norm",), dtype)
+        has_bias = cfg.norm == "layernorm" and cfg.use_bias
+        self.bias = _param(rngs, (cfg.d_model,), ("norm",), 0.0, dtype) if has_bias else None
+
+    def __call__(self, x_BxLxD):
+        x = x_BxLxD.astype(jnp.float32)  # statistics in f32 whatever the compute dtype
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdims=True)
+        y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(x_BxLxD.dtype)
+
+
+def apply_rope(x_BxLxNxH, positions_BxL, theta: float):
+    """Rotary embedding, interleaved-pair convention: (x[2i], x[2i+1]) rotate together."""
+    h = x_BxLxNxH.shape[-1]
+    inv_freq = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+    angle_BxLx1xH2 = (positions_BxL[..., None].astype(jnp.float32) * inv_freq)[:, :, None, :]
+    cos, sin = jnp.cos(angle_BxLx1xH2), jnp.sin(angle_BxLx1xH2)
+    x = x_BxLxNxH.astype(jnp.float32)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+    return rotated.reshape(x.shape).astype(x_BxLxNxH.dtype)
+
+
+def attention_mask(q_len: int, k_len: int, window: int, offset: int = 0):
+    """Causal (and, for window > 0, banded) mask [q_len, k_len]; query i sits at offset + i."""
+    q_pos = jnp.arange(q_len)[:, None] + offset
+    k_pos = jnp.arange(k_len)[None, :]
+    mask = k_pos <= q_pos
+    if window:
+        mask &= q_pos - k_pos < window
+    return mask
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, n, k, h = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim
+        dtype, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        out_std = std / math.sqrt(2 * cfg.n_layer)  # GPT-2 residual-projection scaling
+        self.cfg = cfg
+        self.wq = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), std, dtype)
+        self.wk = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, dtype)
+        self.wv = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std, dtype)
+        self.wo = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std, dtype)
+        if cfg.use_bias:
+            self.bq = _param(rngs, (n, h), ("heads", "head_dim"), 0.0, dtype)
+            self.bk = _param(rngs, (k, h), ("kv_heads", "head_dim"), 0.0, dtype)
+            self.bv = _param(rngs, (k, h), ("kv_heads", "head_dim"), 0.0, dtype)
+            self.bo = _param(rngs, (d,), ("norm",), 0.0, dtype)
+
+    def __call__(self, x_BxLxD, positions_BxL, window: int, rng):
+        cfg, dt = self.cfg, x_BxLxD.dtype
+        q_BxLxNxH = jnp.einsum("bld,dnh->blnh", x_BxLxD, self.wq[...].astype(dt))
+        k_BxLxKxH = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wk[...].astype(dt))
+        v_BxLxKxH = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wv[...].astype(dt))
+        if cfg.use_bias:
+            q_BxLxNxH += self.bq[...].astype(dt)
+            k_BxLxKxH += self.bk[...].astype(dt)
+            v_BxLxKxH += self.bv[...].astype(dt)
+        if cfg.position == "rope":
+            q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
+            k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, cfg.rope_theta)
+        q_BxLxNxH = constrain(q_BxLxNxH, ("batch", None, "act_heads", None))
+
+        if rng is not None and cfg.attn_dropout > 0.0:
+            out_BxLxNxH = self._explicit(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, window, rng)
+        else:
+            out_BxLxNxH = jax.nn.dot_product_attention(
+                q_BxLxNxH,
+                k_BxLxKxH,
+                v_BxLxKxH,
+                is_causal=True,
+                local_window_size=(window - 1, 0) if window else None,
+                implementation=cfg.attention_impl,
+            )
+        out_BxLxD = jnp.einsum("blnh,nhd->bld", out_BxLxNxH, self.wo[...].astype(dt))
+        if cfg.use_bias:
+            out_BxLxD += self.bo[...].astype(dt)
+        return out_BxLxD
+
+    def _explicit(self, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, window: int, rng):
+        """Softmax attention written out, for attention-probability dropout (GPT-1/2),
+        which jax.nn.dot_product_attention does not offer."""
+        b, length, n, h = q_BxLxNxH.shape
+        groups = n // k_BxLxKxH.shape[2]
+        k_BxLxNxH = jnp.repeat(k_BxLxKxH, groups, axis=2)
+        v_BxLxNxH = jnp.repeat(v_BxLxKxH, groups, axis=2)
+        scores_BxNxLxL = jnp.einsum("bqnh,bknh->bnqk", q_BxLxNxH, k_BxLxNxH).astype(jnp.float32)
+        scores_BxNxLxL /= math.sqrt(h)
+        mask_LxL = attention_mask(length, length, window)
+        scores_BxNxLxL = jnp.where(mask_LxL, scores_BxNxLxL, jnp.finfo(jnp.float32).min)
+        probs_BxNxLxL = jax.nn.softmax(scores_BxNxLxL, axis=-1).astype(q_BxLxNxH.dtype)
+        probs_BxNxLxL = _dropout(probs_BxNxLxL, self.cfg.attn_dropout, rng)
+        return jnp.einsum("bnqk,bknh->bqnh", probs_BxNxLxL, v_BxLxNxH)
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.ffn_dim
+        dtype, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        self.cfg = cfg
+        self.w_in = _param(rngs, (d, f), ("embed", "mlp"), std, dtype)
+        if cfg.mlp == "swiglu":
+            self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), std, dtype)
+        self.w_out = _param(rngs, (f, d), ("mlp", "embed"), std / math.sqrt(2 * cfg.n_layer), dtype)
+        if cfg.use_bias:
+            self.b_in = _param(rngs, (f,), ("mlp",), 0.0, dtype)
+            self.b_out = _param(rngs, (d,), ("norm",), 0.0, dtype)
+
+    def __call__(self, x_BxLxD):
+        dt = x_BxLxD.dtype
+        h_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_in[...].astype(dt))
+        if self.cfg.use_bias:
+            h_BxLxF += self.b_in[...].astype(dt)
+        if self.cfg.mlp == "swiglu":
+            gate_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_gate[...].astype(dt))
+            h_BxLxF = jax.nn.silu(gate_BxLxF) * h_BxLxF
+        else:
+            h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)  # GPT-2's tanh GELU
+        h_BxLxF = constrain(h_BxLxF, ("batch", None, "act_mlp"))
+        out_BxLxD = jnp.einsum("blf,fd->bld", h_BxLxF, self.w_out[...].astype(dt))
+        if self.cfg.use_bias:
+            out_BxLxD += self.b_out[...].astype(dt)
+        return out_BxLxD
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.prenorm, self.dropout = cfg.prenorm, cfg.dropout
+        self.norm1 = Norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.norm2 = Norm(cfg, rngs)
+        self.mlp = Mlp(cfg, rngs)
+
+    def __call__(self, x_BxLxD, positions_BxL, window: int, rng):
+        rngs = (None, None, None) if rng is None else jax.random.split(rng, 3)
+        if self.prenorm:  # GPT-2/3: x + f(norm(x))
+            h = self.attn(self.norm1(x_BxLxD), positions_BxL, window, rngs[0])
+            x_BxLxD = x_BxLxD + _dropout(h, self.dropout, rngs[1])
+            h = self.mlp(self.norm2(x_BxLxD))
+            return x_BxLxD + _dropout(h, self.dropout, rngs[2])
+        # GPT-1: norm(x + f(x))
+        h = self.attn(x_BxLxD, positions_BxL, window, rngs[0])
+        x_BxLxD = self.norm1(x_BxLxD + _dropout(h, self.dropout, rngs[1]))
+        h = self.mlp(x_BxLxD)
+        return self.norm2(x_BxLxD + _dropout(h, self.dropout, rngs[2]))
+
+
+class GPT(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be resolved (from the tokenizer) first")
+        dtype, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        self.cfg = cfg
+        self.wte = _param(rngs, (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"), std, dtype)
+        if cfg.position == "learned":
+            # GPT-2 used 0.01 for positions; N(0, 0.02) as the GPT-1 paper states.
+            self.wpe = _param(rngs, (cfg.seq_len, cfg.d_model), ("pos", "embed"), std, dtype)
+
+        @nnx.split_rngs(splits=cfg.n_layer)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs):
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.norm_f = Norm(cfg, rngs) if cfg.prenorm else None
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(
+                rngs, (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), std, dtype
+            )
+
+    def hidden(self, tokens_BxL, *, positions_BxL=None, rng=None):
+        """Final hidden states [B, L, D] (after the final norm where there is one)."""
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+        rng_embed, rng_layers = (None, None) if rng is None else jax.random.split(rng)
+        x_BxLxD = self.embed(tokens_BxL, positions_BxL, rng_embed)
+        return self.layers(x_BxLxD, positions_BxL, rng_layers)
+
+    def embed(self, tokens_BxL, positions_BxL, rng=None):
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.compute_dtype)
+        x_BxLxD = self.wte[...].astype(dt)[tokens_BxL]
+        if cfg.position == "learned":
+            x_BxLxD += self.wpe[...].astype(dt)[positions_BxL]
+        x_BxLxD = _dropout(x_BxLxD, cfg.dropout, rng)
+        return constrain(x_BxLxD, ("batch", None, "act_embed"))
+
+    def layers(self, x_BxLxD, positions_BxL, rng=None):
+        """The stacked blocks and the final norm, on embeddings [B, L, D]."""
+        cfg = self.cfg
+        windows = cfg.attention_windows
+        period = len(windows)
+        graphdef, stacked = nnx.split(self.blocks)
+        # [n_layer, ...] -> [n_layer / period, period, ...]: one scan step applies one
+        # period of the attention pattern, so every window is a static argument.
+        grouped = jax.tree.map(lambda a: a.reshape(-1, period, *a.shape[1:]), stacked)
+
+        def group_fn(x_BxLxD, xs):
+            group_params, group_index = xs
+            for i, window in enumerate(windows):
+                block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], group_params))
+                layer_rng = None
+                if rng is not None:
+                    layer_rng = jax.random.fold_in(rng, group_index * period + i)
+                x_BxLxD = block(x_BxLxD, positions_BxL, window, layer_rng)
+                x_BxLxD = constrain(x_BxLxD, ("batch", None, "act_embed"))
+            return x_BxLxD, None
+
+        if cfg.remat != "none":
+            group_fn = jax.checkpoint(group_fn, policy=REMAT_POLICIES[cfg.remat])
+        x_BxLxD, _ = jax.lax.scan(group_fn, x_BxLxD, (grouped, jnp.arange(cfg.n_layer // period)))
+        if self.norm_f is not None:
+            x_BxLxD = self.norm_f(x_BxLxD)
+        return x_BxLxD
+
+    def logits(self, h_BxLxD):
+        dt = h_BxLxD.dtype
+        if self.cfg.tie_embeddings:
+            logits_BxLxV = jnp.einsum("bld,vd->blv", h_BxLxD, self.wte[...].astype(dt))
+        else:
+            logits_BxLxV = jnp.einsum("bld,dv->blv", h_BxLxD, self.lm_head[...].astype(dt))
+        return constrain(logits_BxLxV, ("batch", None, "act_vocab"))
+
+    def __call__(self, tokens_BxL, *, positions_BxL=None, rng=None):
+        """Logits [B, L, V_padded] in the compute dtype."""
+        return self.logits(self.hidden(tokens_BxL, positions_BxL=positions_BxL, rng=rng))
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graph and its parameters as ShapeDtypeStructs with logical metadata."""
+    # Outside any mesh: shardings come from sharding.py, not from Flax's defaults.
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        model = nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+    """Fresh parameters as a plain nested dict of arrays (jit this with out_shardings)."""
+    return nnx.to_pure_dict(nnx.split(GPT(cfg, nnx.Rngs(params=key)))[1])
+
+
+def apply(graphdef: nnx.GraphDef, params: dict, tokens_BxL, **kwargs):
+    """Logits from plain params: the functional entry point used under jit."""
+    return nnx.merge(graphdef, params)(tokens_BxL, **kwargs)
+
+
+def param_count(params) -> int:
+    return sum(int(math.prod(p.shape)) for p in jax.tree.leaves(params))
+
+
+def non_embedding_params(cfg: ModelConfig) -> int:
+    """N of the scaling-law papers: parameters outside the token/position embeddings."""
+    _, state = abstract_model(cfg)
+    pure = nnx.to_pure_dict(state)
+    total = param_count(pure)
+    total -= param_count(pure["wte"])
+    total -= param_count(pure.get("wpe", {}))
+    return total
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token: 6 N (non-embedding weights) + 6 D V (the LM head matmul)
+    + attention scores and values, 12 n_layer d_attn L_eff, where L_eff is the mean
+    number of keys a query attends to (causal: (L+1)/2; a band of w: about w), i.e.
+    only the computed half of causal attention is counted."""
+    n = non_embedding_params(cfg)
+    head = cfg.d_model * cfg.padded_vocab
+    d_attn = cfg.n_head * cfg.head_dim
+    attn = 0.0
+    for layer in range(cfg.n_layer):
+        w = cfg.attention_windows[layer % len(cfg.attention_windows)]
+        l_eff = (
+            (cfg.seq_len + 1) / 2
+            if not w or w >= cfg.seq_len
+            else w - (w * w - w) / (2 * cfg.seq_len)
+        )
+        attn += 12 * d_attn * l_eff
+    return 6.0 * (n + head) + attn

@@ -1,0 +1,142 @@
+"""Device mesh, THE logical-to-mesh rules table, derived shardings, replication check.
+
+Mesh axes:
+- data:   pure data parallelism (batch split, parameters replicated).
+- fsdp:   batch split AND parameters/optimizer state split along "embed" (ZeRO-3).
+- tensor: Megatron-style split of heads, MLP hidden units and vocabulary.
+There is no sequence axis: at GPT-3's 2048 context the activations of one
+sequence fit one device, and remat is the cheaper lever; it would earn its place
+only for long-context work.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gptjax.config import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# THE rules table. Logical names used by the model (parameters and activations)
+# -> mesh axes. A name without a rule is replicated.
+RULES: dict[str, tuple[str, ...]] = {
+    # parameters
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    # activations
+    "batch": ("data", "fsdp"),
+    "act_heads": ("tensor",),
+    "act_mlp": ("tensor",),
+    "act_vocab": ("tensor",),
+}
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """Resolve the (data, fsdp, tensor) shape; one -1 takes the devices left over."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes must be positive or -1, got {sizes}")
+    known = math.prod(s for s in sizes if s != -1)
+    if n_devices % known:
+        raise ValueError(f"mesh {sizes} does not divide the {n_devices} devices")
+    sizes = [n_devices // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != n_devices:
+        raise ValueError(
+            f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} uses "
+            f"{math.prod(sizes)} devices, but {n_devices} are present"
+        )
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(cfg, len(devices))
+    return jax.make_mesh(
+        shape,
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
+
+
+def logical_to_spec(logical_axes, shape, mesh: Mesh) -> P:
+    """PartitionSpec for one array: each dimension gets the mesh axes its logical name
+    maps to, as long as they divide the dimension and are not used by another one."""
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(logical_axes or (), shape, strict=True):
+        axes = tuple(a for a in RULES.get(name, ()) if a not in used and mesh.shape[a] > 1)
+        # Drop trailing axes until the product divides the dimension.
+        while axes and dim % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*spec)
+
+
+def param_shardings(abstract_state, mesh: Mesh):
+    """NamedShardings for a tree of nnx Variables (from eval_shape), as a plain dict."""
+    from flax import nnx
+
+    def one(var):
+        names = var.get_metadata().get("out_sharding") or ()
+        return NamedSharding(mesh, logical_to_spec(names, var.get_value().shape, mesh))
+
+    return nnx.to_pure_dict(
+        jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
+    spec = [None] * ndim
+    spec[batch_dim] = RULES["batch"]
+    return NamedSharding(mesh, P(*spec))
+
+
+def constrain(x, logical_axes):
+    """with_sharding_constraint by logical names under the current mesh; a no-op
+    outside a mesh context (single-device use, tests of the bare model)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
+
+
+def replicated_params(params, shardings, min_size: int = 2**16) -> list[tuple[str, int]]:
+    """(path, size) of every parameter with at least min_size elements left fully
+    replicated. On an fsdp>1 mesh these are memory the user probably meant to split."""
+    found = []
+    flat_p = jax.tree_util.tree_leaves_with_path(params)
+    flat_s = jax.tree.leaves(shardings)
+    for (path, p), s in zip(flat_p, flat_s, strict=True):
+        size = int(np.prod(p.shape))
+        if size >= min_size and all(a is None for a in s.spec):
+            found.append((jax.tree_util.keystr(path), size))
+    return found
+
+
+def check_replication(params, shardings, mesh: Mesh, min_size: int = 2**16) -> list:
+    """Warn about large replicated parameters when the mesh asks for fsdp."""
+    if mesh.shape["fsdp"] <= 1:
+        return []
+    found = replicated_params(params, shardings, min_size)
+    for path, size in found:
+        logging.warning(
+            "parameter %s (%d elements) is replicated on every device although fsdp=%d: "
+            "no logical axis of it divides the mesh",
+            path,
+            size,
+            mesh.shape["fsdp"],
+        )
+    return found

@@ -1,0 +1,397 @@
+"""Train state, the pure train step, and the pretraining loop.
+
+The loop dispatches step N+1 before it reads step N's metrics: metrics stay on
+the device until a log step (or a checkpoint, which first checks that no loss
+since the last check was NaN/inf, so the last checkpoint is always a good one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gptjax import config as config_lib
+from gptjax import data, metrics, model, sharding
+from gptjax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings, checkpoint_dir
+from gptjax.config import Config
+from gptjax.optim import lr_schedule, make_optimizer
+from gptjax.tokenizer import tokenizer_from_record
+
+log = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array  # base dropout key; step and microbatch are folded in
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Preempted(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def state_shardings(cfg: Config, mesh, tx):
+    """(abstract TrainState, its shardings), derived from eval_shape and the rules table."""
+    graphdef, abstract_params = model.abstract_model(cfg.model)
+    param_sh = sharding.param_shardings(abstract_params, mesh)
+    replicated = NamedSharding(mesh, P())
+    abstract = jax.eval_shape(
+        lambda k: _init_state(cfg, tx, k), jax.random.key_data(jax.random.key(0))
+    )
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract.opt_state,
+        param_sh,
+        transform_non_params=lambda _: replicated,
+    )
+    shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
+    return graphdef, abstract, shardings
+
+
+def _init_state(cfg: Config, tx, key_data) -> TrainState:
+    params_key, dropout_key = jax.random.split(jax.random.wrap_key_data(key_data))
+    params = model.init_params(cfg.model, params_key)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(dropout_key),
+    )
+
+
+def init_state(cfg: Config, mesh, tx, shardings) -> TrainState:
+    """Parameters are born sharded: init is jitted with the derived out_shardings."""
+    key_data = jax.random.key_data(jax.random.key(cfg.train.seed))
+    return jax.jit(lambda k: _init_state(cfg, tx, k), out_shardings=shardings)(key_data)
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def lm_loss(graphdef, params, tokens_BxL1, rng=None):
+    """Mean next-token cross-entropy over a batch of packed windows [B, L+1]."""
+    inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
+    logits_BxLxV = model.apply(graphdef, params, inputs_BxL, rng=rng)
+    losses_BxL = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxLxV.astype(jnp.float32), targets_BxL
+    )
+    return losses_BxL.mean()
+
+
+def make_train_step(cfg: Config, graphdef, tx):
+    schedule = lr_schedule(cfg)
+    use_dropout = cfg.model.dropout > 0 or cfg.model.attn_dropout > 0
+
+    def train_step(state: TrainState, batch_KxBxL1):
+        """One optimizer step over K microbatches (gradient accumulation)."""
+        step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        grad_fn = jax.value_and_grad(lambda p, t, r: lm_loss(graphdef, p, t, r))
+
+        def micro(carry, xs):
+            loss_sum, grad_sum = carry
+            tokens_BxL1, index = xs
+            rng = jax.random.fold_in(step_rng, index) if use_dropout else None
+            loss, grads = grad_fn(state.params, tokens_BxL1, rng)
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        n_micro = batch_KxBxL1.shape[0]
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (loss_sum, grad_sum), _ = jax.lax.scan(
+            micro, (jnp.zeros((), jnp.float32), zeros), (batch_KxBxL1, jnp.arange(n_micro))
+        )
+        loss = loss_sum / n_micro
+        grads = jax.tree.map(lambda g: g / n_micro, grad_sum)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+        )
+        metrics_ = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        return new_state, metrics_
+
+    return train_step
+
+
+def make_eval_step(graphdef):
+    def eval_step(params, tokens_BxL1):
+        return lm_loss(graphdef, params, tokens_BxL1)
+
+    return eval_step
+
+
+def microbatches_at(cfg: Config, step: int) -> int:
+    """Microbatches in optimizer step `step`: constant, or ramped linearly (GPT-3)."""
+    t = cfg.train
+    if not t.batch_ramp_start or step >= t.batch_ramp_steps:
+        return t.microbatches
+    micro = t.batch_size // t.microbatches
+    start = t.batch_ramp_start // micro
+    return min(t.microbatches, start + (t.microbatches - start) * step // t.batch_ramp_steps)
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def resolve_vocab(cfg: Config, vocab_size: int) -> Config:
+    m = cfg.model
+    if m.vocab_size == 0:
+        return dataclasses.replace(cfg, model=dataclasses.replace(m, vocab_size=vocab_size))
+    if m.vocab_size < vocab_size:
+        raise config_lib.ConfigError(
+            f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab_size}"
+        )
+    return cfg
+
+
+def _global_batch(local_KxBxL1: np.ndarray, batch_sh) -> jax.Array:
+    return jax.make_array_from_process_local_data(batch_sh, local_KxBxL1)
+
+
+class _SigtermFlag:
+    """Turns SIGTERM (preemption) into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no preemption handling
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(cfg: Config, workdir: str | Path) -> dict:
+    """Pretrain (or resume) in workdir. Returns a summary dict."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    primary = jax.process_index() == 0
+    ckpt = Checkpointer(checkpoint_dir(workdir), cfg.checkpoint)
+    resuming = bool(ckpt.steps())
+
+    # The tokenizer of a resumed run is the one its checkpoint recorded.
+    if resuming:
+        _, record = ckpt.read_json(ckpt.steps()[-1])
+        tokenizer = tokenizer_from_record(record)
+    else:
+        tokenizer = data.get_tokenizer(cfg, workdir)
+    cfg = resolve_vocab(cfg, tokenizer.vocab_size)
+    train_src, val_src = data.load_splits(cfg, tokenizer, workdir)
+
+    mesh = sharding.make_mesh(cfg.mesh)
+    t = cfg.train
+    n_proc = jax.process_count()
+    micro_global = t.batch_size // t.microbatches
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if micro_global % n_batch_shards or micro_global % n_proc:
+        raise config_lib.ConfigError(
+            f"microbatch of {micro_global} sequences does not split over data*fsdp="
+            f"{n_batch_shards} and {n_proc} processes"
+        )
+    tx = make_optimizer(cfg)
+
+    with jax.set_mesh(mesh):
+        graphdef, abstract, state_sh = state_shardings(cfg, mesh, tx)
+        batch_sh = NamedSharding(mesh, P(None, sharding.RULES["batch"], None))
+        eval_sh = sharding.batch_sharding(mesh, 2)
+        train_iter = data.train_iterator(train_src, micro_global // n_proc, t.seed)
+
+        if resuming:
+            start_step, state, _, _ = ckpt.restore(
+                abstract_with_shardings(abstract, state_sh),
+                train_iter,
+                model_config=config_lib.to_dict(cfg)["model"],
+            )
+            log.info("resumed from step %d in %s", start_step, ckpt.directory)
+        else:
+            state, start_step = init_state(cfg, mesh, tx, state_sh), 0
+        sharding.check_replication(state.params, state_sh.params, mesh)
+
+        step_fn = jax.jit(
+            make_train_step(cfg, graphdef, tx),
+            in_shardings=(state_sh, batch_sh),
+            out_shardings=(state_sh, None),
+            donate_argnums=0,
+        )
+        eval_fn = jax.jit(make_eval_step(graphdef), in_shardings=(state_sh.params, eval_sh))
+        val_batches = [
+            _global_batch(b, eval_sh)
+            for b in data.eval_batches(val_src, micro_global // n_proc, t.eval_batches)
+        ]
+
+        def evaluate(params) -> float:
+            losses = [eval_fn(params, b) for b in val_batches]
+            return float(np.mean(jax.device_get(losses)))
+
+        n_params = model.param_count(state.params)
+        flops_tok = model.flops_per_token(cfg.model)
+        peak = metrics.peak_flops_total(t.peak_flops)
+        if primary:
+            print(
+                f"gptjax: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
+                f"{len(train_src)} train / {len(val_src)} val windows of {cfg.model.seq_len + 1} "
+                f"tokens, steps {start_step}->{t.steps}",
+                flush=True,
+            )
+        writer = metrics.MetricsWriter(workdir, start_step, enabled=primary)
+
+        pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet read
+
+        def flush_pending() -> list[tuple[int, dict]]:
+            got = jax.device_get(pending)
+            pending.clear()
+            for s, m in got:
+                if not math.isfinite(float(m["loss"])):
+                    raise NonFiniteLoss(
+                        f"loss is {float(m['loss'])} at step {s}; stopping. The last "
+                        f"checkpoint (step {ckpt.steps()[-1] if ckpt.steps() else 'none'}) "
+                        f"is from before it"
+                    )
+            return got
+
+        def save(step: int) -> None:
+            flush_held.extend(flush_pending())
+            ckpt.save(
+                step,
+                state,
+                train_iter,
+                config_lib.to_dict(cfg),
+                tokenizer.to_record(),
+            )
+
+        flush_held: list[tuple[int, dict]] = []
+        progress = _progress(start_step, t.steps, primary)
+        last_time, last_step = time.perf_counter(), start_step
+        val_loss = None
+        with _SigtermFlag() as sigterm:
+            try:
+                for step in range(start_step, t.steps):
+                    k = microbatches_at(cfg, step)
+                    local = np.stack([next(train_iter) for _ in range(k)])
+                    state, m = step_fn(state, _global_batch(local, batch_sh))
+                    pending.append((step + 1, m))
+                    done = step + 1
+                    if done % t.log_every == 0 or done == t.steps:
+                        got = flush_held + flush_pending()
+                        flush_held.clear()
+                        now = time.perf_counter()
+                        tokens = sum(
+                            microbatches_at(cfg, s) * micro_global * cfg.model.seq_len
+                            for s in range(last_step, done)
+                        )
+                        tps = tokens / max(now - last_time, 1e-9)
+                        last_time, last_step = now, done
+                        record = {
+                            "loss": float(np.mean([float(x["loss"]) for _, x in got])),
+                            "lr": float(got[-1][1]["lr"]),
+                            "grad_norm": float(got[-1][1]["grad_norm"]),
+                            "tokens_per_sec": tps,
+                            "mfu": tps * flops_tok / peak if peak else 0.0,
+                        }
+                        if done % t.eval_every == 0 or done == t.steps:
+                            val_loss = evaluate(state.params)
+                            record["val_loss"] = val_loss
+                            record["val_ppl"] = math.exp(min(val_loss, 50.0))
+                        writer.write(done, record)
+                        progress.update(done, record)
+                    if done % cfg.checkpoint.every_steps == 0 or done == t.steps:
+                        save(done)
+                    if sigterm.raised:
+                        if done % cfg.checkpoint.every_steps and done != t.steps:
+                            save(done)
+                        ckpt.wait()
+                        raise Preempted(
+                            f"SIGTERM at step {done}: checkpoint saved; re-run to resume"
+                        )
+                ckpt.wait()
+            finally:
+                progress.close()
+                writer.close()
+                ckpt.close()
+
+    summary = {"step": t.steps, "val_loss": val_loss, "params": n_params}
+    if primary:
+        metrics.plot_loss(workdir)
+        if t.sample_tokens:
+            from gptjax.generate import sample_text
+
+            text = sample_text(
+                graphdef,
+                state.params,
+                tokenizer,
+                cfg.model,
+                t.sample_prompt,
+                t.sample_tokens,
+                t.seed,
+            )
+            summary["sample"] = text
+            print(f"--- sample ---\n{t.sample_prompt}{text}\n--------------", flush=True)
+    return summary
+
+
+class _progress:
+    """A tqdm bar over steps, showing the latest logged metrics (process 0 only)."""
+
+    def __init__(self, start: int, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, record: dict) -> None:
+        if self.bar is None:
+            return
+        self.bar.n = step
+        shown = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_sec']:.0f}"}
+        if "val_loss" in record:
+            shown["val"] = f"{record['val_loss']:.3f}"
+        self.bar.set_postfix(shown, refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+__all__ = [
+    "TrainState",
+    "train",
+    "make_train_step",
+    "init_state",
+    "state_shardings",
+    "lm_loss",
+    "CheckpointError",
+    "NonFiniteLoss",
+    "Preempted",
+]

@@ -1,0 +1,30 @@
+"""Test setup: 8 simulated CPU devices, a persistent compile cache, shared data."""
+
+import os
+from pathlib import Path
+
+# Must happen before jax is imported anywhere.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("GPTJAX_TEST_COMPILE_CACHE", REPO / ".jax_cache"))
+jax.config.update("jax_compilation_cache_dir", str(CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(
+            f"shared data not found at {SHARED_DATA} (expected ../shared/data beside the repo)"
+        )
+    return SHARED_DATA
