@@ -181,3 +181,82 @@ def abstract_with_shardings(abstract_tree, shardings):
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings
     )
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def resolve(path: str | Path) -> tuple[Path, int]:
+    """(checkpoints directory, step) for a converted checkpoint, a training workdir
+    (its latest step), a checkpoints/ directory, or one step's directory."""
+    path = Path(path).absolute()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.name.isdigit() and (path / "config").exists():
+        return path.parent, int(path.name)
+    for directory in (path / "checkpoints", path):
+        steps = sorted(int(p.name) for p in directory.glob("[0-9]*") if (p / "config").exists())
+        if steps:
+            return directory, steps[-1]
+    raise CheckpointError(f"no gptjax checkpoint in {path} (expected a workdir or checkpoint dir)")
+
+
+def save_params(directory: str | Path, config: dict, params, tokenizer: dict | None) -> Path:
+    """Write a parameters-only checkpoint (step 0: params, config, tokenizer), as convert
+    and export produce; written under a temporary name and renamed when complete."""
+    directory = Path(directory).absolute()
+    if directory.exists() and any(directory.iterdir()):
+        raise CheckpointError(f"output directory {directory} exists and is not empty")
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    manager = ocp.CheckpointManager(
+        tmp / "checkpoints",
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
+    )
+    manager.save(
+        0,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            config=ocp.args.JsonSave(config),
+            tokenizer=ocp.args.JsonSave(tokenizer or {}),
+        ),
+    )
+    manager.close()
+    if directory.exists():
+        directory.rmdir()
+    tmp.rename(directory)
+    return directory
+
+
+def load_params(path: str | Path, abstract_params=None):
+    """(config dict, params, tokenizer record or None) from any checkpoint `resolve`
+    accepts. Only the parameters are read from a training checkpoint, never the
+    optimizer state. abstract_params (ShapeDtypeStructs, optionally with shardings)
+    places them; without it they are read as stored, onto one device."""
+    directory, step = resolve(path)
+    step_dir = directory / str(step)
+    json_ckpt = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+    config = json_ckpt.restore(step_dir / "config")
+    tokenizer = (
+        json_ckpt.restore(step_dir / "tokenizer") if (step_dir / "tokenizer").exists() else {}
+    )
+    item, key = ("params", None) if (step_dir / "params").exists() else ("state", "params")
+    reader = ocp.PyTreeCheckpointer()
+    if abstract_params is None:
+        stored = reader.metadata(step_dir / item).item_metadata.tree
+        stored = stored[key] if key else stored
+        abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored)
+    target = {key: abstract_params} if key else abstract_params
+    restored = reader.restore(
+        step_dir / item,
+        args=ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        ),
+    )
+    params = restored[key] if key else restored
+    return config, params, tokenizer or None

@@ -63,6 +63,37 @@ def _tokenizer_train(args, _overrides) -> int:
     return 0
 
 
+def _generate(args, _overrides) -> int:
+    from gptjax.checkpoint import CheckpointError
+    from gptjax.generate import Sampling, from_checkpoint
+
+    if bool(args.prompt) == bool(args.prompt_ids):
+        print("gptjax: give --prompt (text) or --prompt-ids (ids), not both", file=sys.stderr)
+        return 2
+    try:
+        prompt_ids = [[int(t) for t in p.split(",") if t.strip()] for p in args.prompt_ids or []]
+        sampling = Sampling(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens,
+            stop_ids=tuple(args.stop_id or ()),
+        )
+        new, texts = from_checkpoint(
+            args.checkpoint, args.prompt or [], prompt_ids, sampling, args.seed, args.stop or []
+        )
+    except (CheckpointError, ValueError) as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return 2
+    if args.format == "ids" or texts is None:
+        for ids in new:
+            print(",".join(map(str, ids)))
+    else:
+        for prompt, text in zip(args.prompt, texts, strict=True):
+            print(prompt + text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="checkpoints, metrics and logs go here")
     p.epilog = "Any config field can be overridden: --config.train.steps=100"
     p.set_defaults(func=_train, takes_overrides=True)
+
+    p = sub.add_parser("generate", help="sample from a checkpoint with a KV cache")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir or training workdir")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop sequence (text; repeatable)")
+    p.add_argument("--stop-id", action="append", type=int, help="stop token id (repeatable)")
+    p.add_argument("--format", choices=("text", "ids"), default="text", help="ids: new token ids")
+    p.set_defaults(func=_generate, takes_overrides=False)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)

@@ -1,17 +1,149 @@
-"""Sampling from a trained model.
+"""Generation with a KV cache: one jitted prefill + decode loop, batched and sampled.
 
-`sample_text` runs the full forward pass over a fixed [1, seq_len] window for each
-new token (one compiled shape, no cache); it serves the end-of-training sample.
+Prompts of different lengths are left-padded to a common length P, so every row writes
+slot P + i at decode step i; padding slots are masked out of attention and each row's
+positions start at 0 on its first real token. The loop (lax.while_loop) runs on the
+device until every row has stopped or max_new_tokens are out.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from gptjax import model
+from gptjax import model as model_lib
 from gptjax.config import ModelConfig
+from gptjax.model import KVCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    max_new_tokens: int = 64
+    stop_ids: tuple[int, ...] = ()
+
+
+def sample_logits(logits_BxV, key, s: Sampling):
+    """Next tokens [B] from logits under temperature, top-k and nucleus (top-p) sampling."""
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    if s.temperature == 0.0:
+        return jnp.argmax(logits_BxV, axis=-1)
+    logits_BxV = logits_BxV / s.temperature
+    if s.top_k:
+        kth_Bx1 = jax.lax.top_k(logits_BxV, s.top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+    if s.top_p < 1.0:
+        sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+        cum_BxV = jnp.cumsum(jax.nn.softmax(sorted_BxV, axis=-1), axis=-1)
+        # The smallest set whose mass reaches top_p: keep tokens whose preceding mass < p.
+        n_keep_Bx1 = jnp.sum(cum_BxV - jax.nn.softmax(sorted_BxV, axis=-1) < s.top_p, -1)[:, None]
+        cutoff_Bx1 = jnp.take_along_axis(sorted_BxV, n_keep_Bx1 - 1, axis=-1)
+        logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
+    return jax.random.categorical(key, logits_BxV, axis=-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [B, P] left-padded, number of padding slots per row [B])."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    for row, p in enumerate(prompts):
+        tokens[row, width - len(p) :] = p
+    return tokens, np.array([width - len(p) for p in prompts], np.int32)
+
+
+def make_generate_fn(graphdef, cfg: ModelConfig, sampling: Sampling):
+    """jit-able (params, tokens_BxP, pad_B, key) -> (new tokens [B, max_new], lengths [B])."""
+    n_new = sampling.max_new_tokens
+    stop = jnp.asarray(sampling.stop_ids or (-1,), jnp.int32)
+
+    def generate(params, tokens_BxP, pad_B, key):
+        model = nnx.merge(graphdef, params)
+        b, p = tokens_BxP.shape
+        slots = p + n_new
+        key_valid_BxS = jnp.arange(slots)[None, :] >= pad_B[:, None]
+        cache = KVCache.empty(cfg, b, slots, key_valid_BxS)
+        positions_BxP = jnp.maximum(jnp.arange(p)[None, :] - pad_B[:, None], 0)
+        logits_BxPxV, cache = model.decode(tokens_BxP, positions_BxP, cache)
+
+        def cond(carry):
+            i, _, _, _, done_B, _ = carry
+            return (i < n_new) & ~jnp.all(done_B)
+
+        def body(carry):
+            i, logits_BxV, cache, out_BxN, done_B, key = carry
+            key, sub = jax.random.split(key)
+            token_B = sample_logits(logits_BxV[:, : cfg.vocab_size], sub, sampling)
+            token_B = jnp.where(done_B, 0, token_B).astype(jnp.int32)
+            out_BxN = out_BxN.at[:, i].set(token_B)
+            done_B = done_B | jnp.isin(token_B, stop)
+            positions_Bx1 = (p + i - pad_B)[:, None]
+            logits_Bx1xV, cache = model.decode(token_B[:, None], positions_Bx1, cache)
+            return i + 1, logits_Bx1xV[:, 0], cache, out_BxN, done_B, key
+
+        init = (
+            jnp.zeros((), jnp.int32),
+            logits_BxPxV[:, -1],
+            cache,
+            jnp.zeros((b, n_new), jnp.int32),
+            jnp.zeros((b,), bool),
+            key,
+        )
+        _, _, _, out_BxN, _, _ = jax.lax.while_loop(cond, body, init)
+        # Length of each row: up to and including its first stop token.
+        is_stop_BxN = jnp.isin(out_BxN, stop)
+        first_stop_B = jnp.where(is_stop_BxN.any(-1), jnp.argmax(is_stop_BxN, -1) + 1, n_new)
+        return out_BxN, first_stop_B
+
+    return generate
+
+
+def generate_ids(
+    graphdef,
+    params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    sampling: Sampling,
+    seed: int = 0,
+) -> list[list[int]]:
+    """New token ids for each prompt (stop ids excluded). Prompts longer than the
+    context allows are cut from the left, with a warning."""
+    room = cfg.seq_len - sampling.max_new_tokens
+    if room < 1:
+        raise ValueError(
+            f"max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in "
+            f"the model's {cfg.seq_len}-token context"
+        )
+    if any(len(p) > room for p in prompts):
+        log.warning("prompt cut to its last %d tokens to fit the context", room)
+        prompts = [list(p)[-room:] for p in prompts]
+    tokens, pad = left_pad(prompts)
+    fn = jax.jit(make_generate_fn(graphdef, cfg, sampling))
+    out, lengths = jax.device_get(fn(params, tokens, pad, jax.random.key(seed)))
+    result = []
+    for row, n in zip(out, lengths, strict=True):
+        ids = [int(t) for t in row[:n]]
+        if ids and ids[-1] in sampling.stop_ids:
+            ids = ids[:-1]
+        result.append(ids)
+    return result
+
+
+def cut_at_stop(text: str, stop_sequences: Sequence[str]) -> str:
+    """Text up to (not including) the first of the stop sequences."""
+    cut = min((i for i in (text.find(s) for s in stop_sequences if s) if i >= 0), default=None)
+    return text if cut is None else text[:cut]
 
 
 def sample_text(
@@ -25,27 +157,45 @@ def sample_text(
     temperature: float = 0.8,
     top_k: int = 40,
 ) -> str:
+    """A short sample for the end of training: prompt (or EOS) -> continuation text."""
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
-    window = cfg.seq_len
-
-    @jax.jit
-    def next_token(params, tokens_1xL, last, key):
-        logits_V = model.apply(graphdef, params, tokens_1xL)[0, last].astype(jnp.float32)
-        logits_V = logits_V[: cfg.vocab_size] / temperature
-        kth = jax.lax.top_k(logits_V, top_k)[0][-1]
-        logits_V = jnp.where(logits_V < kth, -jnp.inf, logits_V)
-        return jax.random.categorical(key, logits_V)
-
-    key = jax.random.key(seed)
-    params = jax.device_get(params)  # one host copy, replicated onto the default device
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        context = (ids + new)[-window:]
-        tokens = np.zeros((1, window), np.int32)
-        tokens[0, : len(context)] = context
-        key, sub = jax.random.split(key)
-        token = int(next_token(params, tokens, len(context) - 1, sub))
-        if token == tokenizer.eos_id:
-            break
-        new.append(token)
+    sampling = Sampling(
+        temperature=temperature,
+        top_k=top_k,
+        max_new_tokens=min(max_new_tokens, cfg.seq_len - 1),
+        stop_ids=(tokenizer.eos_id,),
+    )
+    [new] = generate_ids(graphdef, params, cfg, [ids], sampling, seed)
     return tokenizer.decode(new)
+
+
+def from_checkpoint(
+    checkpoint: str,
+    prompts: Sequence[str] = (),
+    prompt_ids: Sequence[Sequence[int]] = (),
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
+    stop_sequences: Sequence[str] = (),
+) -> tuple[list[list[int]], list[str] | None]:
+    """Generate from a checkpoint (converted, or a training workdir's latest step).
+
+    Returns the new ids per prompt and, when the checkpoint has a tokenizer, their text
+    (cut at the first stop sequence)."""
+    from gptjax import config as config_lib
+    from gptjax.checkpoint import load_params
+    from gptjax.tokenizer import tokenizer_from_record
+
+    cfg_dict, params, record = load_params(checkpoint)
+    cfg = config_lib.from_dict(cfg_dict).model
+    tokenizer = tokenizer_from_record(record) if record else None
+    if prompts and tokenizer is None:
+        raise ValueError(f"{checkpoint} has no tokenizer: give --prompt-ids instead of --prompt")
+    ids = [tokenizer.encode(p) for p in prompts] if prompts else [list(p) for p in prompt_ids]
+    if tokenizer is not None and not sampling.stop_ids:
+        sampling = dataclasses.replace(sampling, stop_ids=(tokenizer.eos_id,))
+    graphdef, _ = model_lib.abstract_model(cfg)
+    new = generate_ids(graphdef, params, cfg, ids, sampling, seed)
+    texts = None
+    if tokenizer is not None:
+        texts = [cut_at_stop(tokenizer.decode(n), stop_sequences) for n in new]
+    return new, texts

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -88,6 +89,39 @@ def attention_mask(q_len: int, k_len: int, window: int, offset: int = 0):
     return mask
 
 
+@flax.struct.dataclass
+class LayerCache:
+    """One layer's key/value cache for decoding, plus what every layer shares."""
+
+    k_BxSxKxH: jax.Array
+    v_BxSxKxH: jax.Array
+    index: jax.Array  # slot of the first token of the current chunk
+    key_valid_BxS: jax.Array  # False at left-padding slots
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for B sequences of up to S slots."""
+
+    k_LxBxSxKxH: jax.Array
+    v_LxBxSxKxH: jax.Array
+    index: jax.Array  # int32 scalar: next slot to write
+    key_valid_BxS: jax.Array  # bool: False at left-padding slots
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, slots: int, key_valid_BxS=None, dtype=None):
+        shape = (cfg.n_layer, batch, slots, cfg.kv_heads, cfg.head_dim)
+        dtype = dtype or jnp.dtype(cfg.compute_dtype)
+        if key_valid_BxS is None:
+            key_valid_BxS = jnp.ones((batch, slots), bool)
+        return cls(
+            jnp.zeros(shape, dtype),
+            jnp.zeros(shape, dtype),
+            jnp.zeros((), jnp.int32),
+            key_valid_BxS,
+        )
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim
@@ -104,7 +138,8 @@ class Attention(nnx.Module):
             self.bv = _param(rngs, (k, h), ("kv_heads", "head_dim"), 0.0, dtype)
             self.bo = _param(rngs, (d,), ("norm",), 0.0, dtype)
 
-    def __call__(self, x_BxLxD, positions_BxL, window: int, rng):
+    def __call__(self, x_BxLxD, positions_BxL, window: int, rng, cache: LayerCache | None = None):
+        """Attention output [B, L, D], and with a cache also the updated (k, v) cache."""
         cfg, dt = self.cfg, x_BxLxD.dtype
         q_BxLxNxH = jnp.einsum("bld,dnh->blnh", x_BxLxD, self.wq[...].astype(dt))
         k_BxLxKxH = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wk[...].astype(dt))
@@ -118,7 +153,9 @@ class Attention(nnx.Module):
             k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, cfg.rope_theta)
         q_BxLxNxH = constrain(q_BxLxNxH, ("batch", None, "act_heads", None))
 
-        if rng is not None and cfg.attn_dropout > 0.0:
+        if cache is not None:
+            out_BxLxNxH, new_kv = self._cached(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, window, cache)
+        elif rng is not None and cfg.attn_dropout > 0.0:
             out_BxLxNxH = self._explicit(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, window, rng)
         else:
             out_BxLxNxH = jax.nn.dot_product_attention(
@@ -132,7 +169,36 @@ class Attention(nnx.Module):
         out_BxLxD = jnp.einsum("blnh,nhd->bld", out_BxLxNxH, self.wo[...].astype(dt))
         if cfg.use_bias:
             out_BxLxD += self.bo[...].astype(dt)
-        return out_BxLxD
+        return (out_BxLxD, new_kv) if cache is not None else out_BxLxD
+
+    def _cached(self, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, window: int, cache: LayerCache):
+        """Write this chunk's keys/values at cache.index, attend over every valid slot.
+
+        Slots are shared by the batch (prompts are left-padded), so causality and the
+        band are slot arithmetic; padding slots are masked by cache.key_valid_BxS.
+        """
+        t = q_BxTxNxH.shape[1]
+        k_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(
+            cache.k_BxSxKxH, k_BxTxKxH.astype(cache.k_BxSxKxH.dtype), cache.index, axis=1
+        )
+        v_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(
+            cache.v_BxSxKxH, v_BxTxKxH.astype(cache.v_BxSxKxH.dtype), cache.index, axis=1
+        )
+        s = k_BxSxKxH.shape[1]
+        q_slot_T1 = cache.index + jnp.arange(t)[:, None]
+        k_slot_1S = jnp.arange(s)[None, :]
+        mask_TxS = k_slot_1S <= q_slot_T1
+        if window:
+            mask_TxS &= q_slot_T1 - k_slot_1S < window
+        mask_Bx1xTxS = mask_TxS[None, None] & cache.key_valid_BxS[:, None, None, :]
+        out = jax.nn.dot_product_attention(
+            q_BxTxNxH,
+            k_BxSxKxH.astype(q_BxTxNxH.dtype),
+            v_BxSxKxH.astype(q_BxTxNxH.dtype),
+            mask=mask_Bx1xTxS,
+            implementation="xla",
+        )
+        return out, (k_BxSxKxH, v_BxSxKxH)
 
     def _explicit(self, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, window: int, rng):
         """Softmax attention written out, for attention-probability dropout (GPT-1/2),
@@ -188,18 +254,19 @@ class Block(nnx.Module):
         self.norm2 = Norm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs)
 
-    def __call__(self, x_BxLxD, positions_BxL, window: int, rng):
+    def __call__(self, x_BxLxD, positions_BxL, window: int, rng, cache: LayerCache | None = None):
+        """New residual stream [B, L, D]; with a cache, also the layer's updated (k, v)."""
         rngs = (None, None, None) if rng is None else jax.random.split(rng, 3)
+        attn_in = self.norm1(x_BxLxD) if self.prenorm else x_BxLxD
+        h = self.attn(attn_in, positions_BxL, window, rngs[0], cache)
+        h, new_kv = h if cache is not None else (h, None)
         if self.prenorm:  # GPT-2/3: x + f(norm(x))
-            h = self.attn(self.norm1(x_BxLxD), positions_BxL, window, rngs[0])
             x_BxLxD = x_BxLxD + _dropout(h, self.dropout, rngs[1])
-            h = self.mlp(self.norm2(x_BxLxD))
-            return x_BxLxD + _dropout(h, self.dropout, rngs[2])
-        # GPT-1: norm(x + f(x))
-        h = self.attn(x_BxLxD, positions_BxL, window, rngs[0])
-        x_BxLxD = self.norm1(x_BxLxD + _dropout(h, self.dropout, rngs[1]))
-        h = self.mlp(x_BxLxD)
-        return self.norm2(x_BxLxD + _dropout(h, self.dropout, rngs[2]))
+            x_BxLxD = x_BxLxD + _dropout(self.mlp(self.norm2(x_BxLxD)), self.dropout, rngs[2])
+        else:  # GPT-1: norm(x + f(x))
+            x_BxLxD = self.norm1(x_BxLxD + _dropout(h, self.dropout, rngs[1]))
+            x_BxLxD = self.norm2(x_BxLxD + _dropout(self.mlp(x_BxLxD), self.dropout, rngs[2]))
+        return (x_BxLxD, new_kv) if cache is not None else x_BxLxD
 
 
 class GPT(nnx.Module):
@@ -242,33 +309,59 @@ class GPT(nnx.Module):
         x_BxLxD = _dropout(x_BxLxD, cfg.dropout, rng)
         return constrain(x_BxLxD, ("batch", None, "act_embed"))
 
-    def layers(self, x_BxLxD, positions_BxL, rng=None):
-        """The stacked blocks and the final norm, on embeddings [B, L, D]."""
+    def layers(self, x_BxLxD, positions_BxL, rng=None, cache: KVCache | None = None):
+        """The stacked blocks and the final norm, on embeddings [B, L, D]. With a cache
+        (decoding) also returns the updated cache."""
         cfg = self.cfg
         windows = cfg.attention_windows
         period = len(windows)
         graphdef, stacked = nnx.split(self.blocks)
-        # [n_layer, ...] -> [n_layer / period, period, ...]: one scan step applies one
-        # period of the attention pattern, so every window is a static argument.
-        grouped = jax.tree.map(lambda a: a.reshape(-1, period, *a.shape[1:]), stacked)
+
+        def group(a):  # [n_layer, ...] -> [n_layer / period, period, ...]
+            return a.reshape(-1, period, *a.shape[1:])
+
+        # One scan step applies one period of the attention pattern, so every window
+        # is a static argument.
+        kv_in = None if cache is None else (group(cache.k_LxBxSxKxH), group(cache.v_LxBxSxKxH))
 
         def group_fn(x_BxLxD, xs):
-            group_params, group_index = xs
+            group_params, group_index, kv = xs
+            new_k, new_v = [], []
             for i, window in enumerate(windows):
                 block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], group_params))
                 layer_rng = None
                 if rng is not None:
                     layer_rng = jax.random.fold_in(rng, group_index * period + i)
-                x_BxLxD = block(x_BxLxD, positions_BxL, window, layer_rng)
+                if kv is None:
+                    x_BxLxD = block(x_BxLxD, positions_BxL, window, layer_rng)
+                else:
+                    layer_cache = LayerCache(kv[0][i], kv[1][i], cache.index, cache.key_valid_BxS)
+                    x_BxLxD, (k, v) = block(x_BxLxD, positions_BxL, window, None, layer_cache)
+                    new_k.append(k)
+                    new_v.append(v)
                 x_BxLxD = constrain(x_BxLxD, ("batch", None, "act_embed"))
-            return x_BxLxD, None
+            return x_BxLxD, None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
 
-        if cfg.remat != "none":
+        if cfg.remat != "none" and cache is None:
             group_fn = jax.checkpoint(group_fn, policy=REMAT_POLICIES[cfg.remat])
-        x_BxLxD, _ = jax.lax.scan(group_fn, x_BxLxD, (grouped, jnp.arange(cfg.n_layer // period)))
+        xs = (jax.tree.map(group, stacked), jnp.arange(cfg.n_layer // period), kv_in)
+        x_BxLxD, kv_out = jax.lax.scan(group_fn, x_BxLxD, xs)
         if self.norm_f is not None:
             x_BxLxD = self.norm_f(x_BxLxD)
-        return x_BxLxD
+        if cache is None:
+            return x_BxLxD
+        n = cfg.n_layer
+        return x_BxLxD, cache.replace(
+            k_LxBxSxKxH=kv_out[0].reshape(n, *kv_out[0].shape[2:]),
+            v_LxBxSxKxH=kv_out[1].reshape(n, *kv_out[1].shape[2:]),
+        )
+
+    def decode(self, tokens_BxT, positions_BxT, cache: KVCache):
+        """Logits [B, T, V] for a chunk at slots cache.index.., and the updated cache
+        (index advanced by T). Prefill is a chunk of the whole prompt; decode, of one."""
+        x_BxTxD = self.embed(tokens_BxT, positions_BxT)
+        h_BxTxD, cache = self.layers(x_BxTxD, positions_BxT, None, cache)
+        return self.logits(h_BxTxD), cache.replace(index=cache.index + tokens_BxT.shape[1])
 
     def logits(self, h_BxLxD):
         dt = h_BxLxD.dtype
@@ -276,6 +369,11 @@ class GPT(nnx.Module):
             logits_BxLxV = jnp.einsum("bld,vd->blv", h_BxLxD, self.wte[...].astype(dt))
         else:
             logits_BxLxV = jnp.einsum("bld,dv->blv", h_BxLxD, self.lm_head[...].astype(dt))
+        if self.cfg.padded_vocab > self.cfg.vocab_size:
+            # Padding rows exist for sharding only: they must never take probability mass
+            # (an imported model's zero rows would otherwise score logit 0).
+            real_V = jnp.arange(self.cfg.padded_vocab) < self.cfg.vocab_size
+            logits_BxLxV = jnp.where(real_V, logits_BxLxV, jnp.finfo(dt).min)
         return constrain(logits_BxLxV, ("batch", None, "act_vocab"))
 
     def __call__(self, tokens_BxL, *, positions_BxL=None, rng=None):

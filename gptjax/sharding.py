@@ -73,9 +73,11 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
 def logical_to_spec(logical_axes, shape, mesh: Mesh) -> P:
     """PartitionSpec for one array: each dimension gets the mesh axes its logical name
     maps to, as long as they divide the dimension and are not used by another one."""
+    if not logical_axes:
+        return P()
     used: set[str] = set()
     spec = []
-    for name, dim in zip(logical_axes or (), shape, strict=True):
+    for name, dim in zip(logical_axes, shape, strict=True):
         axes = tuple(a for a in RULES.get(name, ()) if a not in used and mesh.shape[a] > 1)
         # Drop trailing axes until the product divides the dimension.
         while axes and dim % math.prod(mesh.shape[a] for a in axes):

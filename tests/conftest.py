@@ -12,6 +12,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from gptjax.tokenizer import train_sentencepiece  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("GPTJAX_TEST_COMPILE_CACHE", REPO / ".jax_cache"))
 jax.config.update("jax_compilation_cache_dir", str(CACHE))
@@ -28,3 +30,19 @@ def shared_data() -> Path:
             f"shared data not found at {SHARED_DATA} (expected ../shared/data beside the repo)"
         )
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def corpus(shared_data) -> Path:
+    return shared_data / "tinyshakespeare" / "input.txt"
+
+
+@pytest.fixture(scope="session")
+def sp_model(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok") / "shakespeare512.model"
+    return train_sentencepiece([corpus], 512, out)
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("token_cache")

@@ -139,3 +139,13 @@ def test_flops_per_token_accounting():
     assert dense == pytest.approx(6 * (n + 768 * cfg.padded_vocab) + 12 * 12 * 768 * (1024 + 1) / 2)
     banded = model.flops_per_token(dataclasses.replace(cfg, attention_windows=(0, 256)))
     assert banded < dense
+
+
+def test_padded_vocabulary_rows_get_no_probability():
+    cfg = TINY  # vocab 97 padded to 128
+    graphdef, params = _params(cfg)
+    params = {**params, "wte": params["wte"].at[cfg.vocab_size :].set(0.0)}  # as an import pads
+    logits = model.apply(graphdef, params, jnp.zeros((1, 4), jnp.int32))
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    assert float(probs[..., cfg.vocab_size :].max()) == 0.0
+    np.testing.assert_allclose(probs[..., : cfg.vocab_size].sum(-1), 1.0, rtol=1e-5)

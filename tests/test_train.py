@@ -29,25 +29,8 @@ from gptjax.config import (
     TrainConfig,
 )
 from gptjax.metrics import read_metrics
-from gptjax.tokenizer import train_sentencepiece
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def corpus(shared_data) -> Path:
-    return shared_data / "tinyshakespeare" / "input.txt"
-
-
-@pytest.fixture(scope="session")
-def sp_model(corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tok") / "shakespeare512.model"
-    return train_sentencepiece([corpus], 512, out)
-
-
-@pytest.fixture(scope="session")
-def token_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("token_cache")
 
 
 @pytest.fixture
