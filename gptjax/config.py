@@ -258,8 +258,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by microbatches={t.microbatches}"
         )
-    if t.batch_ramp_start and (t.batch_ramp_start % (t.batch_size // t.microbatches)):
-        raise ConfigError("train.batch_ramp_start must be a whole number of microbatches")
+    if t.batch_ramp_start:
+        if t.batch_ramp_start % (t.batch_size // t.microbatches):
+            raise ConfigError("train.batch_ramp_start must be a whole number of microbatches")
+        if not 0 < t.batch_ramp_start <= t.batch_size or t.batch_ramp_steps <= 0:
+            raise ConfigError(
+                "a batch ramp needs 0 < train.batch_ramp_start <= train.batch_size and "
+                "train.batch_ramp_steps > 0"
+            )
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError("data.val_fraction must be in [0, 1)")
     for name in ("steps", "batch_size", "log_every", "eval_every"):

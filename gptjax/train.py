@@ -195,6 +195,11 @@ class _SigtermFlag:
 def train(cfg: Config, workdir: str | Path) -> dict:
     """Pretrain (or resume) in workdir. Returns a summary dict."""
     workdir = Path(workdir)
+    if cfg.tokenizer.kind == "gpt2" and not cfg.tokenizer.path:
+        raise config_lib.ConfigError(
+            "tokenizer.kind=gpt2 needs tokenizer.path: a directory holding encoder.json and "
+            "vocab.bpe (--config.tokenizer.path=DIR)"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
     ckpt = Checkpointer(checkpoint_dir(workdir), cfg.checkpoint)

@@ -386,3 +386,28 @@ def test_cli_reports_missing_config_file(tmp_path, capsys):
     assert cli.main(["train", "--config", str(missing), "--workdir", str(workdir)]) == 2
     assert "missing_cfg.py" in capsys.readouterr().err
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.batch_ramp_start=16", "train.batch_ramp_steps=0"],
+        ["train.batch_ramp_start=64", "train.batch_ramp_steps=10"],
+        ["train.microbatches=4", "train.batch_ramp_start=4", "train.batch_ramp_steps=10"],
+    ],
+)
+def test_inconsistent_batch_ramp_is_rejected(overrides):
+    with pytest.raises(ConfigError, match="ramp"):
+        config_lib.load(REPO / "configs" / "quickstart.py", overrides)
+
+
+def test_gpt2_tokenizer_without_path_fails_before_touching_the_workdir(tmp_path, capsys):
+    from gptjax import cli
+
+    workdir = tmp_path / "run"
+    rc = cli.main(
+        ["train", "--config", str(REPO / "configs/gpt3/small.py"), "--workdir", str(workdir)]
+    )
+    assert rc == 2
+    assert "tokenizer.path" in capsys.readouterr().err
+    assert not workdir.exists()
