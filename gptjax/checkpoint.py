@@ -10,6 +10,7 @@ the previous one restored.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import grain
@@ -209,22 +210,24 @@ def save_params(directory: str | Path, config: dict, params, tokenizer: dict | N
         raise CheckpointError(f"output directory {directory} exists and is not empty")
     tmp = directory.with_name(f".{directory.name}.tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
-    manager = ocp.CheckpointManager(
-        tmp / "checkpoints",
-        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
-    )
-    manager.save(
-        0,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            config=ocp.args.JsonSave(config),
-            tokenizer=ocp.args.JsonSave(tokenizer or {}),
-        ),
-    )
-    manager.close()
+    try:
+        manager = ocp.CheckpointManager(
+            tmp / "checkpoints",
+            options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
+        )
+        manager.save(
+            0,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                config=ocp.args.JsonSave(config),
+                tokenizer=ocp.args.JsonSave(tokenizer or {}),
+            ),
+        )
+        manager.close()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if directory.exists():
         directory.rmdir()
     tmp.rename(directory)

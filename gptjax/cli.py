@@ -94,6 +94,19 @@ def _generate(args, _overrides) -> int:
     return 0
 
 
+def _convert(args, _overrides) -> int:
+    from gptjax.checkpoint import CheckpointError
+    from gptjax.convert import ConvertError, convert
+
+    try:
+        out = convert(args.from_format, args.to_format, args.input, args.output)
+    except (ConvertError, CheckpointError) as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-id", action="append", type=int, help="stop token id (repeatable)")
     p.add_argument("--format", choices=("text", "ids"), default="text", help="ids: new token ids")
     p.set_defaults(func=_generate, takes_overrides=False)
+
+    p = sub.add_parser("convert", help="import a foreign checkpoint or export a gptjax one")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--from", dest="from_format", choices=["hf-gpt2", "llama2c"])
+    g.add_argument("--to", dest="to_format", choices=["hf-gpt2"])
+    p.add_argument("--input", required=True, help="HF dir / llama2.c model.bin / gptjax checkpoint")
+    p.add_argument("--output", required=True, help="new (empty or absent) directory")
+    p.set_defaults(func=_convert, takes_overrides=False)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
