@@ -139,7 +139,7 @@ class Attention(nnx.Module):
             self.bo = _param(rngs, (d,), ("norm",), 0.0, dtype)
 
     def __call__(self, x_BxLxD, positions_BxL, window: int, rng, cache: LayerCache | None = None):
-        """Attention output [B, L, D], and with a cache also the updated (k, v) cache."""
+        """Attention output [B, L, D], and with a cache also the layer's updated (k, v)."""
         cfg, dt = self.cfg, x_BxLxD.dtype
         q_BxLxNxH = jnp.einsum("bld,dnh->blnh", x_BxLxD, self.wq[...].astype(dt))
         k_BxLxKxH = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wk[...].astype(dt))
@@ -172,33 +172,45 @@ class Attention(nnx.Module):
         return (out_BxLxD, new_kv) if cache is not None else out_BxLxD
 
     def _cached(self, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, window: int, cache: LayerCache):
-        """Write this chunk's keys/values at cache.index, attend over every valid slot.
+        """Attend over the cached slots [0, index) plus this chunk's own keys; returns
+        the output and the chunk's (k, v), which the caller writes into the cache once.
 
         Slots are shared by the batch (prompts are left-padded), so causality and the
-        band are slot arithmetic; padding slots are masked by cache.key_valid_BxS.
+        band are slot arithmetic; padding slots are masked by cache.key_valid_BxS. The
+        cache is only read here: writing the chunk into a copy of it first would copy
+        the whole cache in every layer of every decode step.
         """
-        t = q_BxTxNxH.shape[1]
-        k_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(
-            cache.k_BxSxKxH, k_BxTxKxH.astype(cache.k_BxSxKxH.dtype), cache.index, axis=1
-        )
-        v_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(
-            cache.v_BxSxKxH, v_BxTxKxH.astype(cache.v_BxSxKxH.dtype), cache.index, axis=1
-        )
-        s = k_BxSxKxH.shape[1]
-        q_slot_T1 = cache.index + jnp.arange(t)[:, None]
-        k_slot_1S = jnp.arange(s)[None, :]
-        mask_TxS = k_slot_1S <= q_slot_T1
+        b, t, n, h = q_BxTxNxH.shape
+        kv_heads = k_BxTxKxH.shape[2]
+        q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h).astype(jnp.float32)
+        q_BxTxKxGxH /= math.sqrt(h)
+        k_old_BxSxKxH = cache.k_BxSxKxH.astype(jnp.float32)
+        v_old_BxSxKxH = cache.v_BxSxKxH.astype(jnp.float32)
+        s = k_old_BxSxKxH.shape[1]
+        q_slot_Tx1 = cache.index + jnp.arange(t)[:, None]
+
+        old_slot_1xS = jnp.arange(s)[None, :]
+        old_ok_TxS = old_slot_1xS < cache.index
+        new_ok_TxT = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
         if window:
-            mask_TxS &= q_slot_T1 - k_slot_1S < window
-        mask_Bx1xTxS = mask_TxS[None, None] & cache.key_valid_BxS[:, None, None, :]
-        out = jax.nn.dot_product_attention(
-            q_BxTxNxH,
-            k_BxSxKxH.astype(q_BxTxNxH.dtype),
-            v_BxSxKxH.astype(q_BxTxNxH.dtype),
-            mask=mask_Bx1xTxS,
-            implementation="xla",
+            old_ok_TxS &= q_slot_Tx1 - old_slot_1xS < window
+            new_ok_TxT &= jnp.arange(t)[:, None] - jnp.arange(t)[None, :] < window
+        old_ok_BxTxS = old_ok_TxS[None] & cache.key_valid_BxS[:, None, :]
+        new_valid_BxT = jax.lax.dynamic_slice_in_dim(cache.key_valid_BxS, cache.index, t, axis=1)
+        new_ok_BxTxT = new_ok_TxT[None] & new_valid_BxT[:, None, :]
+
+        neg = jnp.finfo(jnp.float32).min
+        old_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_old_BxSxKxH)
+        old_BxKxGxTxS = jnp.where(old_ok_BxTxS[:, None, None], old_BxKxGxTxS, neg)
+        new_BxKxGxTxT = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxTxKxH.astype(jnp.float32))
+        new_BxKxGxTxT = jnp.where(new_ok_BxTxT[:, None, None], new_BxKxGxTxT, neg)
+        probs = jax.nn.softmax(jnp.concatenate([old_BxKxGxTxS, new_BxKxGxTxT], axis=-1), axis=-1)
+        out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs[..., :s], v_old_BxSxKxH)
+        out_BxTxKxGxH += jnp.einsum(
+            "bkgts,bskh->btkgh", probs[..., s:], v_BxTxKxH.astype(jnp.float32)
         )
-        return out, (k_BxSxKxH, v_BxSxKxH)
+        out = out_BxTxKxGxH.reshape(b, t, n, h).astype(q_BxTxNxH.dtype)
+        return out, (k_BxTxKxH, v_BxTxKxH)
 
     def _explicit(self, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, window: int, rng):
         """Softmax attention written out, for attention-probability dropout (GPT-1/2),
@@ -317,18 +329,26 @@ class GPT(nnx.Module):
         period = len(windows)
         graphdef, stacked = nnx.split(self.blocks)
 
-        def group(a):  # [n_layer, ...] -> [n_layer / period, period, ...]
-            return a.reshape(-1, period, *a.shape[1:])
+        def split(a):  # [n_layer, ...] -> period arrays [n_layer / period, ...]
+            return tuple(a[i::period] for i in range(period))
 
-        # One scan step applies one period of the attention pattern, so every window
-        # is a static argument.
-        kv_in = None if cache is None else (group(cache.k_LxBxSxKxH), group(cache.v_LxBxSxKxH))
+        # One scan step applies one period of the attention pattern, so every window is
+        # a static argument. Each sub-layer's weights are scanned as their own stacked
+        # array (split once, outside the loop): indexing a stacked array inside the body
+        # is fused into the matmuls by XLA:CPU and makes them several times slower.
+        params_per_sublayer = tuple(
+            jax.tree.map(lambda a, i=i: split(a)[i], stacked) for i in range(period)
+        )
+
+        kv_in = None
+        if cache is not None:
+            kv_in = (split(cache.k_LxBxSxKxH), split(cache.v_LxBxSxKxH))
 
         def group_fn(x_BxLxD, xs):
-            group_params, group_index, kv = xs
+            sublayer_params, group_index, kv = xs
             new_k, new_v = [], []
             for i, window in enumerate(windows):
-                block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], group_params))
+                block = nnx.merge(graphdef, sublayer_params[i])
                 layer_rng = None
                 if rng is not None:
                     layer_rng = jax.random.fold_in(rng, group_index * period + i)
@@ -340,20 +360,28 @@ class GPT(nnx.Module):
                     new_k.append(k)
                     new_v.append(v)
                 x_BxLxD = constrain(x_BxLxD, ("batch", None, "act_embed"))
-            return x_BxLxD, None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
+            return x_BxLxD, None if kv is None else (tuple(new_k), tuple(new_v))
 
         if cfg.remat != "none" and cache is None:
             group_fn = jax.checkpoint(group_fn, policy=REMAT_POLICIES[cfg.remat])
-        xs = (jax.tree.map(group, stacked), jnp.arange(cfg.n_layer // period), kv_in)
+        xs = (params_per_sublayer, jnp.arange(cfg.n_layer // period), kv_in)
         x_BxLxD, kv_out = jax.lax.scan(group_fn, x_BxLxD, xs)
         if self.norm_f is not None:
             x_BxLxD = self.norm_f(x_BxLxD)
         if cache is None:
             return x_BxLxD
-        n = cfg.n_layer
+
+        def interleave(parts):  # period arrays [n_layer / period, ...] -> [n_layer, ...]
+            return jnp.stack(parts, axis=1).reshape(cfg.n_layer, *parts[0].shape[1:])
+
+        # One write of the chunk's slots into the whole cache (in place in a decode loop).
+        def write(full_LxBxSxKxH, chunk_LxBxTxKxH):
+            chunk = chunk_LxBxTxKxH.astype(full_LxBxSxKxH.dtype)
+            return jax.lax.dynamic_update_slice_in_dim(full_LxBxSxKxH, chunk, cache.index, axis=2)
+
         return x_BxLxD, cache.replace(
-            k_LxBxSxKxH=kv_out[0].reshape(n, *kv_out[0].shape[2:]),
-            v_LxBxSxKxH=kv_out[1].reshape(n, *kv_out[1].shape[2:]),
+            k_LxBxSxKxH=write(cache.k_LxBxSxKxH, interleave(kv_out[0])),
+            v_LxBxSxKxH=write(cache.v_LxBxSxKxH, interleave(kv_out[1])),
         )
 
     def decode(self, tokens_BxT, positions_BxT, cache: KVCache):
