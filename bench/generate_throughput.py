@@ -84,7 +84,7 @@ def main() -> None:
             with torch.no_grad():
                 return hf.generate(
                     torch.tensor(prompts),
-                    attention_mask=torch.ones(batch, args.prompt_len, dtype=torch.long),
+                    attention_mask=torch.ones(len(prompts), args.prompt_len, dtype=torch.long),
                     max_new_tokens=args.new_tokens,
                     min_new_tokens=args.new_tokens,
                     do_sample=False,

@@ -17,7 +17,7 @@ def get_config() -> Config:
         model=ModelConfig(seq_len=128, n_layer=4, d_model=128, n_head=4),
         tokenizer=TokenizerConfig(kind="sentencepiece", vocab_size=2048),
         data=DataConfig(sources=("builtin:pydoc",), val_fraction=0.05),
-        optim=OptimConfig(lr=2e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.1),
-        train=TrainConfig(steps=600, batch_size=32, log_every=20, eval_every=100, eval_batches=8),
+        optim=OptimConfig(lr=2e-3, warmup_steps=40, min_lr_ratio=0.1, weight_decay=0.1),
+        train=TrainConfig(steps=400, batch_size=16, log_every=20, eval_every=100, eval_batches=8),
         checkpoint=CheckpointConfig(every_steps=200, keep=2),
     )

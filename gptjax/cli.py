@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, default=4096)
     t.add_argument("--output", required=True, help="path of the .model file to write")
     t.set_defaults(func=_tokenizer_train, takes_overrides=False)
+
+    # Listed for --help; `main` hands `gptjax eval ...` to gptjax.eval's own parser.
+    p = sub.add_parser(
+        "eval", help="few-shot evaluation of a checkpoint (docs/eval.md)", add_help=False
+    )
+    p.set_defaults(func=None, takes_overrides=False)
     return parser
 
 
@@ -153,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:
+        from gptjax.eval import cli_main
+
+        return cli_main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     overrides = _split_overrides(extra, parser) if args.takes_overrides else []

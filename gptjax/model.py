@@ -97,6 +97,7 @@ class LayerCache:
     v_BxSxKxH: jax.Array
     index: jax.Array  # slot of the first token of the current chunk
     key_valid_BxS: jax.Array  # False at left-padding slots
+    fresh: bool = flax.struct.field(pytree_node=False, default=False)  # nothing cached yet
 
 
 @flax.struct.dataclass
@@ -107,6 +108,9 @@ class KVCache:
     v_LxBxSxKxH: jax.Array
     index: jax.Array  # int32 scalar: next slot to write
     key_valid_BxS: jax.Array  # bool: False at left-padding slots
+    # Static: True until the first chunk is written, so prefill attends to its own
+    # chunk only (no work, and no constant folding, over an all-zero cache).
+    fresh: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, slots: int, key_valid_BxS=None, dtype=None):
@@ -114,12 +118,8 @@ class KVCache:
         dtype = dtype or jnp.dtype(cfg.compute_dtype)
         if key_valid_BxS is None:
             key_valid_BxS = jnp.ones((batch, slots), bool)
-        return cls(
-            jnp.zeros(shape, dtype),
-            jnp.zeros(shape, dtype),
-            jnp.zeros((), jnp.int32),
-            key_valid_BxS,
-        )
+        zeros = jnp.zeros(shape, dtype)
+        return cls(zeros, zeros, jnp.zeros((), jnp.int32), key_valid_BxS, fresh=True)
 
 
 class Attention(nnx.Module):
@@ -355,7 +355,9 @@ class GPT(nnx.Module):
                 if kv is None:
                     x_BxLxD = block(x_BxLxD, positions_BxL, window, layer_rng)
                 else:
-                    layer_cache = LayerCache(kv[0][i], kv[1][i], cache.index, cache.key_valid_BxS)
+                    layer_cache = LayerCache(
+                        kv[0][i], kv[1][i], cache.index, cache.key_valid_BxS, cache.fresh
+                    )
                     x_BxLxD, (k, v) = block(x_BxLxD, positions_BxL, window, None, layer_cache)
                     new_k.append(k)
                     new_v.append(v)
@@ -389,7 +391,9 @@ class GPT(nnx.Module):
         (index advanced by T). Prefill is a chunk of the whole prompt; decode, of one."""
         x_BxTxD = self.embed(tokens_BxT, positions_BxT)
         h_BxTxD, cache = self.layers(x_BxTxD, positions_BxT, None, cache)
-        return self.logits(h_BxTxD), cache.replace(index=cache.index + tokens_BxT.shape[1])
+        return self.logits(h_BxTxD), cache.replace(
+            index=cache.index + tokens_BxT.shape[1], fresh=False
+        )
 
     def logits(self, h_BxLxD):
         dt = h_BxLxD.dtype

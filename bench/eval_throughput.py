@@ -1,0 +1,194 @@
+"""Evaluation throughput on this CPU: `gptjax eval` vs lm-eval's hf backend, same weights.
+
+A random-init transformers GPT2LMHeadModel (GPT-2 BPE, a small config) is saved with its
+tokenizer; gptjax.convert.import_hf_gpt2 turns the same weights into a gptjax checkpoint.
+Both score HellaSwag 0-shot on the shared 200-question slice (lm-eval through a local
+task YAML equivalent to its `hellaswag` task), and the script prints examples/s, the
+ratio, and both accuracies (which must agree: same weights, same prompts).
+
+gptjax is timed twice on a fresh process-level model: cold (first pass, including XLA
+compiles of the few bucketed shapes) and warm (second pass, steady state); lm-eval has no
+compile step. The ratio quoted is warm gptjax / lm-eval, with the cold one beside it.
+
+    python bench/eval_throughput.py                  # defaults: 4 x 256, 200 questions
+    python bench/eval_throughput.py --limit 100 --batch-size 32
+
+torch, transformers and lm-eval are bench-only extras, imported only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # runnable as `python bench/eval_throughput.py`
+    sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "data"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-ctx", type=int, default=256)
+    p.add_argument("--limit", type=int, default=200, help="HellaSwag questions")
+    p.add_argument("--batch-size", type=int, default=32, help="both frameworks")
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
+    return p.parse_args(argv)
+
+
+def make_hf_model(args, out: Path) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    torch.manual_seed(0)
+    bpe = args.data / "gpt2_bpe"
+    out.mkdir(parents=True, exist_ok=True)
+    # from_pretrained reads vocab.json + merges.txt in every transformers version (v5's
+    # constructor silently builds an empty vocabulary from vocab_file=/merges_file=).
+    (out / "vocab.json").write_bytes((bpe / "encoder.json").read_bytes())
+    (out / "merges.txt").write_bytes((bpe / "vocab.bpe").read_bytes())
+    tok = GPT2TokenizerFast.from_pretrained(str(out))
+    assert tok("Hello world").input_ids == [15496, 995], "GPT-2 tokenizer did not load"
+    cfg = GPT2Config(
+        vocab_size=50257,
+        n_positions=args.n_ctx,
+        n_embd=args.d_model,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    model = GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    for name in ("encoder.json", "vocab.bpe"):  # the files gptjax's importer reads
+        (out / name).write_bytes((bpe / name).read_bytes())
+    return out
+
+
+def hellaswag_task_dir(args, work: Path) -> Path:
+    """A local-file lm-eval task equivalent to lm-eval's `hellaswag` (same prompt:
+    query -> " " + ending; acc, acc_norm) over the shared text export."""
+    lines = (args.data / "hellaswag" / "hellaswag_val_first200.txt").read_text("utf-8").split("\n")
+    data = work / "hellaswag.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for i in range(0, len(lines) - 5, 6):
+            doc = {"query": lines[i], "gold": int(lines[i + 1]), "choices": lines[i + 2 : i + 6]}
+            f.write(json.dumps(doc) + "\n")
+    tasks = work / "lm_eval_tasks"
+    tasks.mkdir(exist_ok=True)
+    (tasks / "hellaswag_local.yaml").write_text(
+        "task: hellaswag_local\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "output_type: multiple_choice\n"
+        "test_split: test\n"
+        'doc_to_text: "{{query}}"\n'
+        'doc_to_target: "{{gold}}"\n'
+        'doc_to_choice: "choices"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n",
+        encoding="utf-8",
+    )
+    return tasks
+
+
+def run_lm_eval(args, hf_dir: Path, task_dir: Path) -> tuple[float, dict]:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(task_dir))
+    start = time.perf_counter()
+    res = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={hf_dir},dtype=float32",
+        tasks=["hellaswag_local"],
+        task_manager=manager,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        device="cpu",
+    )
+    seconds = time.perf_counter() - start
+    r = res["results"]["hellaswag_local"]
+    return seconds, {"acc": r["acc,none"], "acc_norm": r["acc_norm,none"]}
+
+
+def run_gptjax(args, ckpt: Path) -> list[tuple[float, dict]]:
+    from gptjax.eval import harness, tasks
+    from gptjax.eval.scoring import EvalModel
+
+    model = EvalModel.load(ckpt, batch_size=args.batch_size)
+    task = tasks.resolve_task(f"hellaswag={args.data / 'hellaswag' / 'hellaswag_val_first200.txt'}")
+    out = []
+    for _ in range(2):  # cold (compiles), warm
+        start = time.perf_counter()
+        result, _ = harness.evaluate_task(model, task, 0, harness.RunOptions(limit=args.limit))
+        seconds = time.perf_counter() - start
+        out.append((seconds, {m: result["metrics"][m]["value"] for m in ("acc", "acc_norm")}))
+    print(f"gptjax compiled shapes: {len(model.scorer.shapes)}")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not (args.data / "hellaswag").is_dir():
+        print(f"shared data not found at {args.data}", file=sys.stderr)
+        return 2
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="gptjax_eval_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    hf_dir = work / "hf_gpt2"
+    ckpt = work / "gptjax_ckpt"
+    if not hf_dir.exists():
+        make_hf_model(args, hf_dir)
+    if not ckpt.exists():
+        from gptjax.convert import import_hf_gpt2
+
+        import_hf_gpt2(hf_dir, ckpt)
+    task_dir = hellaswag_task_dir(args, work)
+
+    import jax
+    import torch
+
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"model: GPT-2 {args.n_layer} layers x d_model {args.d_model}, {args.n_head} heads, "
+        f"n_ctx {args.n_ctx}, vocab 50257, float32; HellaSwag 0-shot, {args.limit} questions "
+        f"(4 endings each), batch size {args.batch_size}"
+    )
+    (cold_s, cold), (warm_s, warm) = run_gptjax(args, ckpt)
+    lm_s, lm = run_lm_eval(args, hf_dir, task_dir)
+    n = args.limit
+    rows = [
+        ("lm-eval hf (torch)", lm_s, lm),
+        ("gptjax eval, cold (incl. compile)", cold_s, cold),
+        ("gptjax eval, warm", warm_s, warm),
+    ]
+    print(f"\n{'backend':36s} {'seconds':>8s} {'examples/s':>11s} {'acc':>7s} {'acc_norm':>9s}")
+    for name, s, m in rows:
+        print(f"{name:36s} {s:8.2f} {n / s:11.2f} {m['acc']:7.3f} {m['acc_norm']:9.3f}")
+    print(
+        f"\nratio gptjax/lm-eval examples/s: warm {lm_s / warm_s:.2f}x, cold {lm_s / cold_s:.2f}x"
+    )
+    same = all(abs(warm[k] - lm[k]) < 1e-9 for k in ("acc", "acc_norm"))
+    print(f"accuracies identical: {same}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Metrics: accuracy (plain and normalised), perplexities, bits per byte, EM / F1, with
+standard errors.
+
+Multiple choice (per example, from the options' loglikelihoods):
+  acc             argmax of the summed loglikelihood
+  acc_norm        argmax of loglikelihood / characters of the option (lm-eval's acc_norm)
+  acc_norm_token  argmax of loglikelihood / tokens of the option (GPT-3's per-token norm)
+  acc_uncond      argmax of log P(option | context) - log P(option | "Answer:") (GPT-3's
+                  normalisation for ARC and OpenBookQA; only where the task sets it)
+Standard errors of means are the sample standard deviation / sqrt(n), as lm-eval's
+mean_stderr; a perplexity's is the delta method, ppl * stderr(mean NLL) (lm-eval uses
+a bootstrap).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+import string
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
+    x = np.asarray(values, np.float64)
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    se = float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+    return float(x.mean()), se
+
+
+def argmax(values: Sequence[float]) -> int:
+    return int(np.argmax(np.asarray(values, np.float64)))
+
+
+def mc_predictions(
+    lls: Sequence[float],
+    n_chars: Sequence[int],
+    n_tokens: Sequence[int],
+    uncond_lls: Sequence[float] | None = None,
+) -> dict[str, int]:
+    """The predicted option under each normalisation."""
+    lls = np.asarray(lls, np.float64)
+    pred = {
+        "acc": argmax(lls),
+        "acc_norm": argmax(lls / np.maximum(np.asarray(n_chars, np.float64), 1)),
+        "acc_norm_token": argmax(lls / np.maximum(np.asarray(n_tokens, np.float64), 1)),
+    }
+    if uncond_lls is not None:
+        pred["acc_uncond"] = argmax(lls - np.asarray(uncond_lls, np.float64))
+    return pred
+
+
+def macro_f1(preds: Sequence[int], golds: Sequence[int]) -> float:
+    labels = sorted(set(golds) | set(preds))
+    scores = []
+    for c in labels:
+        tp = sum(p == c and g == c for p, g in zip(preds, golds, strict=True))
+        fp = sum(p == c and g != c for p, g in zip(preds, golds, strict=True))
+        fn = sum(p != c and g == c for p, g in zip(preds, golds, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def perplexity(lls: Sequence[float]) -> tuple[float, float]:
+    """exp(mean NLL) over examples (lm-eval's `perplexity` aggregation, LAMBADA)."""
+    nll, se = mean_stderr([-x for x in lls])
+    ppl = math.exp(nll)
+    return ppl, ppl * se
+
+
+def weighted_perplexities(
+    lls: Sequence[float], words: Sequence[int], n_bytes: Sequence[int], tokens: Sequence[int]
+) -> dict[str, tuple[float, float]]:
+    """word / byte / token perplexity and bits per byte of a corpus (weighted by length,
+    lm-eval's weighted_perplexity). stderr: delta method over documents (ratio estimator)."""
+    lls = np.asarray(lls, np.float64)
+    out = {}
+    for name, units in (("word", words), ("byte", n_bytes), ("token", tokens)):
+        u = np.asarray(units, np.float64)
+        rate = float(-lls.sum() / u.sum())
+        se = _ratio_stderr(-lls, u)
+        out[f"{name}_perplexity"] = (math.exp(rate), math.exp(rate) * se)
+        if name == "byte":
+            out["bits_per_byte"] = (rate / math.log(2), se / math.log(2))
+    return out
+
+
+def _ratio_stderr(num: np.ndarray, den: np.ndarray) -> float:
+    n = len(num)
+    if n < 2:
+        return float("nan")
+    r = num.sum() / den.sum()
+    resid = num - r * den
+    return float(math.sqrt(n / (n - 1) * np.sum(resid**2)) / den.sum())
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction: str, references: str | Sequence[str]) -> float:
+    refs = [references] if isinstance(references, str) else list(references)
+    return float(any(normalize_answer(prediction) == normalize_answer(r) for r in refs))
+
+
+def f1(prediction: str, references: str | Sequence[str]) -> float:
+    """Token-overlap F1 (SQuAD), the best over the references."""
+    refs = [references] if isinstance(references, str) else list(references)
+    pred = normalize_answer(prediction).split()
+    best = 0.0
+    for r in refs:
+        gold = normalize_answer(r).split()
+        if not pred or not gold:
+            best = max(best, float(pred == gold))
+            continue
+        common = sum((collections.Counter(pred) & collections.Counter(gold)).values())
+        if common:
+            p, rec = common / len(pred), common / len(gold)
+            best = max(best, 2 * p * rec / (p + rec))
+    return best

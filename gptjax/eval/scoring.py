@@ -1,0 +1,439 @@
+"""Scoring requests on the model: batched, length-bucketed, jitted, sharded.
+
+Request kinds, all on token ids:
+  loglikelihood  sum log P(continuation | context) and whether greedy decoding would
+                 produce it (lm-eval's (logprob, is_greedy)).
+  rolling        loglikelihood of a whole text over disjoint windows of n_ctx tokens, as
+                 lm-eval's loglikelihood_rolling (first window conditioned on EOS).
+  greedy         generation until EOS or max_new tokens (text stop sequences are cut on
+                 the host), via gptjax.generate's cached decode loop.
+
+Shared contexts are computed once. Requests with the same context tokens (the options
+of a multiple-choice question) form a group: the context is prefilled once into the KV
+cache (only its last position goes through the LM head), the cache rows are gathered to
+one row per continuation, and all continuations are scored in one cached chunk. For
+HellaSwag that is 1 context + 4 endings of work per question instead of lm-eval's
+4 x (context + ending), and the vocabulary projection runs on continuation tokens only.
+
+Shapes are bucketed so compiles are few: context and continuation lengths to
+{8, 12, 16, 24, 32, 48, ...} (powers of two and 1.5x), rows to powers of two (and to a
+multiple of the batch shards). Padding never changes a number: contexts are left-padded
+with the padding slots masked out of attention, continuations right-padded behind the
+causal mask, and padded rows are discarded.
+
+On a mesh the parameters keep their derived shardings (fsdp/tensor) and batch rows are
+split over (data, fsdp), so the same code evaluates a GPT-3-size checkpoint.
+
+Tokenisation follows lm-eval's TemplateLM exactly (`encode_pair`): trailing spaces of the
+context move to the continuation, the continuation's ids are those of context +
+continuation after the context's ids, and an empty context becomes [EOS]; inputs longer
+than n_ctx are cut from the left, as lm-eval does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptjax.config import ModelConfig
+from gptjax.model import KVCache
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids), lm-eval's TemplateLM.loglikelihood convention."""
+    if context == "":
+        cont = tokenizer.encode(continuation)
+        if cont and cont[0] == tokenizer.eos_id:
+            return cont[:1], cont[1:]
+        return [tokenizer.eos_id], cont
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    return ctx, whole[len(ctx) :]
+
+
+def rolling_windows(
+    tokens: Sequence[int], prefix_id: int, max_len: int, context_len: int = 1
+) -> list[tuple[list[int], list[int]]]:
+    """Disjoint (context, continuation) windows covering every token once: lm-eval's
+    get_rolling_token_windows + make_disjoint_window."""
+    tokens = list(tokens)
+    if not tokens:
+        return []
+    pred_len = max_len - context_len + 1
+    first = min(max_len, len(tokens))
+    windows = [([prefix_id] + tokens[: first - 1], tokens[:first])]
+    predicted = first
+    while predicted < len(tokens):
+        n = min(len(tokens) - predicted, pred_len)
+        end = predicted + n
+        windows.append((tokens[max(end - max_len - 1, 0) : end - 1], tokens[end - n : end]))
+        predicted += n
+    return [(a[: len(a) - (len(b) - 1)], b) for a, b in windows]
+
+
+def truncate(ctx: Sequence[int], cont: Sequence[int], n_ctx: int) -> tuple[list[int], list[int]]:
+    """Cut from the left so the model input (context + continuation minus its last token)
+    fits n_ctx; at least one context token always remains."""
+    ctx, cont = list(ctx), list(cont)
+    if len(cont) > n_ctx:
+        log.warning("continuation of %d tokens cut to the last %d (n_ctx)", len(cont), n_ctx)
+        ctx, cont = [cont[-n_ctx - 1]], cont[-n_ctx:]
+    room = n_ctx + 1 - len(cont)
+    if len(ctx) > room:
+        ctx = ctx[-room:]
+    return ctx, cont
+
+
+# ----------------------------------------------------------------------------- buckets
+
+
+def length_bucket(n: int, minimum: int = 8) -> int:
+    """Smallest of 8, 16, 32, 64, 96, 128, 192, 256, 384, ... that holds n (powers of two,
+    and 1.5x steps from 64 on where padding would cost the most)."""
+    size = minimum
+    while True:
+        if n <= size:
+            return size
+        if n <= size * 3 // 2 and size >= 64:
+            return size * 3 // 2
+        size *= 2
+
+
+def row_bucket(n: int, multiple: int = 1) -> int:
+    """Next power of two >= n, rounded up to a multiple of `multiple` (batch shards)."""
+    size = 1 << max(n - 1, 0).bit_length()
+    return -(-size // multiple) * multiple
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def make_score_fn(graphdef, cfg: ModelConfig):
+    """(params, ctx [G, P] left-padded, ctx_pad [G], cont [R, T] right-padded,
+    cont_len [R], row_ctx [R]) -> (token log-probs [R, T], zero past each length;
+    is_greedy [R])."""
+
+    def score(params, ctx_GxP, pad_G, cont_RxT, len_R, row_G_R):
+        model = nnx.merge(graphdef, params)
+        g, p = ctx_GxP.shape
+        r, t = cont_RxT.shape
+        slots = p + t
+        valid_GxS = jnp.arange(slots)[None, :] >= pad_G[:, None]
+        cache = KVCache.empty(cfg, g, slots, valid_GxS)
+        pos_GxP = jnp.maximum(jnp.arange(p)[None, :] - pad_G[:, None], 0)
+        h_GxPxD, cache = model.layers(model.embed(ctx_GxP, pos_GxP), pos_GxP, None, cache)
+
+        def rows(a, axis):
+            return jnp.take(a, row_G_R, axis=axis)
+
+        cache_R = KVCache(
+            rows(cache.k_LxBxSxKxH, 1),
+            rows(cache.v_LxBxSxKxH, 1),
+            cache.index + p,
+            rows(valid_GxS, 0),
+        )
+        ctx_len_R = p - rows(pad_G, 0)
+        pos_RxT = ctx_len_R[:, None] + jnp.arange(t)[None, :]
+        if cfg.position == "learned":  # positions past n_ctx only on ignored padding/last token
+            pos_RxT = jnp.minimum(pos_RxT, cfg.seq_len - 1)
+        h_RxTxD, _ = model.layers(model.embed(cont_RxT, pos_RxT), pos_RxT, None, cache_R)
+        # Token t is predicted by the hidden state before it: the context's last position
+        # for t = 0. Only these T positions per row go through the LM head.
+        h_RxTxD = jnp.concatenate([rows(h_GxPxD[:, -1:], 0), h_RxTxD[:, :-1]], axis=1)
+        # The LM head runs in a loop over blocks of positions ([c*R, V] logits at a time),
+        # which never materialises [R, T, V] and keeps XLA:CPU on its fast reduction path.
+        # Padded vocabulary rows are masked to the dtype's minimum by model.logits: they
+        # take no mass and never win the max.
+        c = max(1, min(4, 64 // r))
+        h_NxCRxD = jnp.swapaxes(h_RxTxD, 0, 1).reshape(t // c, c * r, -1)
+        tok_NxCR = cont_RxT.T.reshape(t // c, c * r)
+
+        def head(xs):
+            h_BxD, tok_B = xs
+            logits_BxV = model.logits(h_BxD[:, None])[:, 0].astype(jnp.float32)
+            max_B = jnp.max(logits_BxV, axis=-1)
+            lse_B = jnp.log(jnp.sum(jnp.exp(logits_BxV - max_B[:, None]), axis=-1)) + max_B
+            target_B = jnp.take_along_axis(logits_BxV, tok_B[:, None], axis=-1)[:, 0]
+            # Greedy: the target's logit is the maximum (lm-eval: argmax == target).
+            return target_B - lse_B, target_B >= max_B
+
+        lp_NxCR, hit_NxCR = jax.lax.map(head, (h_NxCRxD, tok_NxCR))
+        tok_RxT = lp_NxCR.reshape(t, r).T
+        hit_RxT = hit_NxCR.reshape(t, r).T
+        real_RxT = jnp.arange(t)[None, :] < len_R[:, None]
+        greedy_R = jnp.all(hit_RxT | ~real_RxT, axis=-1)
+        # Per-token log-probs go back to the host, which sums them in float64.
+        return jnp.where(real_RxT, tok_RxT, 0.0), greedy_R
+
+    return score
+
+
+@dataclasses.dataclass
+class _Group:
+    ctx: list[int]
+    conts: list[tuple[int, list[int]]]  # (request index, continuation ids)
+
+
+class Scorer:
+    """Jitted, bucketed scoring of token-level requests for one model (and mesh)."""
+
+    def __init__(
+        self,
+        graphdef,
+        params,
+        cfg: ModelConfig,
+        *,
+        mesh=None,
+        batch_size: int = 32,
+        token_budget: int = 8192,
+    ):
+        self.graphdef, self.params, self.cfg, self.mesh = graphdef, params, cfg, mesh
+        self.batch_size, self.token_budget = max(1, batch_size), token_budget
+        self.shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        self._score = jax.jit(make_score_fn(graphdef, cfg))
+        self._generate = {}
+        self.shapes: set[tuple] = set()  # distinct compiled shapes, for the record
+
+    @property
+    def n_ctx(self) -> int:
+        return self.cfg.seq_len
+
+    def _place(self, *arrays):
+        if self.mesh is None:
+            return [jnp.asarray(a) for a in arrays]
+        from gptjax.sharding import batch_sharding
+
+        return [jax.device_put(a, batch_sharding(self.mesh, a.ndim)) for a in arrays]
+
+    def _call(self, fn, *args):
+        if self.mesh is None:
+            return fn(*args)
+        with jax.set_mesh(self.mesh):
+            return fn(*args)
+
+    def _batches(self, groups: list[_Group]) -> list[list[_Group]]:
+        """Greedy packing of groups sorted by bucketed (context, continuation) length,
+        longest first, under a row limit and a scored-token budget."""
+
+        def key(gr):
+            return (length_bucket(len(gr.ctx)), length_bucket(max(len(c) for _, c in gr.conts)))
+
+        groups = sorted(groups, key=key, reverse=True)
+        batches, current, rows, t_max = [], [], 0, 0
+        for gr in groups:
+            t_new = max(t_max, key(gr)[1])
+            limit = max(1, min(self.batch_size, self.token_budget // t_new))
+            if current and (rows + len(gr.conts) > limit or len(current) >= self.batch_size):
+                batches.append(current)
+                current, rows, t_new = [], 0, key(gr)[1]
+            current.append(gr)
+            rows += len(gr.conts)
+            t_max = t_new
+        if current:
+            batches.append(current)
+        return batches
+
+    def loglikelihood(
+        self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> list[tuple[float, bool]]:
+        """(sum log P(cont | ctx), is_greedy) for each (context ids, continuation ids)."""
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        by_ctx: dict[tuple[int, ...], _Group] = {}
+        for i, (ctx, cont) in enumerate(requests):
+            if not cont:
+                results[i] = (0.0, True)
+                continue
+            if not ctx:
+                raise ValueError("a request needs at least one context token (use EOS)")
+            ctx, cont = truncate(ctx, cont, self.n_ctx)
+            by_ctx.setdefault(tuple(ctx), _Group(ctx, [])).conts.append((i, cont))
+        # A group larger than one batch of rows is split (its context recomputed per part).
+        limit = max(1, self.batch_size)
+        groups = [
+            _Group(gr.ctx, gr.conts[j : j + limit])
+            for gr in by_ctx.values()
+            for j in range(0, len(gr.conts), limit)
+        ]
+        pending = []
+        for batch in self._batches(groups):
+            pending.append((batch, self._dispatch(batch)))
+        for batch, (ll, greedy) in pending:
+            ll = np.asarray(ll).astype(np.float64).sum(axis=-1)
+            greedy = np.asarray(greedy)
+            r = 0
+            for gr in batch:
+                for i, _ in gr.conts:
+                    results[i] = (float(ll[r]), bool(greedy[r]))
+                    r += 1
+        return results  # type: ignore[return-value]
+
+    def _dispatch(self, batch: list[_Group]):
+        n_rows = sum(len(gr.conts) for gr in batch)
+        g = row_bucket(len(batch), self.shards)
+        r = row_bucket(n_rows, self.shards)
+        p = length_bucket(max(len(gr.ctx) for gr in batch))
+        t = length_bucket(max(len(c) for gr in batch for _, c in gr.conts))
+        ctx = np.zeros((g, p), np.int32)
+        pad = np.full((g,), p - 1, np.int32)  # padding groups: one (masked-in) token
+        cont = np.zeros((r, t), np.int32)
+        lens = np.zeros((r,), np.int32)
+        row_g = np.zeros((r,), np.int32)
+        row = 0
+        for j, gr in enumerate(batch):
+            ctx[j, p - len(gr.ctx) :] = gr.ctx
+            pad[j] = p - len(gr.ctx)
+            for _, c in gr.conts:
+                cont[row, : len(c)] = c
+                lens[row], row_g[row] = len(c), j
+                row += 1
+        self.shapes.add(("score", g, p, r, t))
+        args = self._place(ctx, pad, cont, lens, row_g)
+        return self._call(self._score, self.params, *args)
+
+    def rolling(self, texts_ids: Sequence[Sequence[int]], prefix_id: int) -> list[float]:
+        """Total loglikelihood of each token list over disjoint n_ctx windows."""
+        windows, owner = [], []
+        for i, ids in enumerate(texts_ids):
+            for w in rolling_windows(ids, prefix_id, self.n_ctx):
+                windows.append(w)
+                owner.append(i)
+        totals = [0.0] * len(texts_ids)
+        for i, (ll, _) in zip(owner, self.loglikelihood(windows), strict=True):
+            totals[i] += ll
+        return totals
+
+    def greedy(
+        self, prompts: Sequence[Sequence[int]], max_new: int, stop_ids: tuple[int, ...]
+    ) -> list[list[int]]:
+        """Greedy continuations (stop ids excluded), batched and bucketed."""
+        from gptjax.generate import Sampling, make_generate_fn
+
+        max_new = min(max_new, self.n_ctx - 1)
+        room = self.n_ctx - max_new
+        key = (max_new, stop_ids)
+        if key not in self._generate:
+            sampling = Sampling(temperature=0.0, max_new_tokens=max_new, stop_ids=stop_ids)
+            self._generate[key] = jax.jit(make_generate_fn(self.graphdef, self.cfg, sampling))
+        fn = self._generate[key]
+        prompts = [list(p)[-room:] or [stop_ids[0] if stop_ids else 0] for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        out: list[list[int]] = [[] for _ in prompts]
+        pending = []
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s : s + self.batch_size]
+            b = row_bucket(len(idx), self.shards)
+            p = min(length_bucket(max(len(prompts[i]) for i in idx)), room)
+            tokens = np.zeros((b, p), np.int32)
+            pad = np.full((b,), p - 1, np.int32)
+            for j, i in enumerate(idx):
+                tokens[j, p - len(prompts[i]) :] = prompts[i]
+                pad[j] = p - len(prompts[i])
+            self.shapes.add(("generate", b, p, max_new))
+            tokens_d, pad_d = self._place(tokens, pad)
+            pending.append((idx, self._call(fn, self.params, tokens_d, pad_d, jax.random.key(0))))
+        for idx, (new, lengths) in pending:
+            new, lengths = np.asarray(new), np.asarray(lengths)
+            for j, i in enumerate(idx):
+                ids = [int(x) for x in new[j, : lengths[j]]]
+                if ids and ids[-1] in stop_ids:
+                    ids = ids[:-1]
+                out[i] = ids
+        return out
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _read_config(checkpoint) -> dict:
+    import orbax.checkpoint as ocp
+
+    from gptjax.checkpoint import resolve
+
+    directory, step = resolve(checkpoint)
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(directory / str(step) / "config")
+
+
+@dataclasses.dataclass
+class EvalModel:
+    """A checkpoint's model, tokenizer and scorer: text-level requests."""
+
+    cfg: ModelConfig
+    tokenizer: object
+    scorer: Scorer
+
+    @classmethod
+    def from_params(cls, cfg, params, tokenizer, *, mesh=None, batch_size=32, **kw) -> EvalModel:
+        from gptjax import model as model_lib
+
+        graphdef, _ = model_lib.abstract_model(cfg)
+        return cls(
+            cfg, tokenizer, Scorer(graphdef, params, cfg, mesh=mesh, batch_size=batch_size, **kw)
+        )
+
+    @classmethod
+    def load(cls, checkpoint, *, mesh=None, batch_size: int = 32, **kw) -> EvalModel:
+        """Parameters are read straight onto their mesh shardings (no unsharded copy)."""
+        from gptjax import config as config_lib
+        from gptjax import model as model_lib
+        from gptjax import sharding
+        from gptjax.checkpoint import abstract_with_shardings, load_params
+        from gptjax.tokenizer import tokenizer_from_record
+
+        abstract_params = None
+        if mesh is not None:
+            cfg = config_lib.from_dict(_read_config(checkpoint)).model
+            _, abstract = model_lib.abstract_model(cfg)
+            shardings = sharding.param_shardings(abstract, mesh)
+            abstract_params = abstract_with_shardings(nnx.to_pure_dict(abstract), shardings)
+        cfg_dict, params, record = load_params(checkpoint, abstract_params)
+        cfg = config_lib.from_dict(cfg_dict).model
+        if not record:
+            raise ValueError(f"{checkpoint} has no tokenizer; evaluation needs one")
+        tokenizer = tokenizer_from_record(record)
+        return cls.from_params(cfg, params, tokenizer, mesh=mesh, batch_size=batch_size, **kw)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.cfg.seq_len
+
+    def encode_pair(self, context: str, continuation: str):
+        return encode_pair(self.tokenizer, context, continuation)
+
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool, int]]:
+        """(loglikelihood, is_greedy, continuation tokens) of each (context, continuation)."""
+        encoded = [self.encode_pair(c, x) for c, x in pairs]
+        scored = self.scorer.loglikelihood(encoded)
+        return [(ll, g, len(e[1])) for (ll, g), e in zip(scored, encoded, strict=True)]
+
+    def rolling(self, texts: Sequence[str]) -> list[tuple[float, int]]:
+        """(loglikelihood, tokens) of each whole text."""
+        ids = [self.tokenizer.encode(t) for t in texts]
+        lls = self.scorer.rolling(ids, self.tokenizer.eos_id)
+        return [(ll, len(i)) for ll, i in zip(lls, ids, strict=True)]
+
+    def generate(self, contexts: Sequence[str], until: Sequence[str], max_new: int) -> list[str]:
+        """Greedy continuation text of each context, cut at the first stop sequence."""
+        from gptjax.generate import cut_at_stop
+
+        prompts = [self.tokenizer.encode(c) or [self.tokenizer.eos_id] for c in contexts]
+        new = self.scorer.greedy(prompts, max_new, (self.tokenizer.eos_id,))
+        return [cut_at_stop(self.tokenizer.decode(n), list(until)) for n in new]
+
+    def request_tokens(self, context: str, continuation: str) -> int:
+        ctx, cont = self.encode_pair(context, continuation)
+        return len(ctx) + len(cont) - 1

@@ -1,0 +1,464 @@
+"""gptjax.eval: exact scoring, loaders, few-shot, metrics, harness outputs, bad input, mesh."""
+
+import json
+import logging
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import checkpoint, config, model
+from gptjax.config import Config, MeshConfig, ModelConfig, TokenizerConfig
+from gptjax.eval import cli_main, fewshot, harness, metrics, tasks
+from gptjax.eval.scoring import EvalModel, encode_pair, length_bucket, rolling_windows
+from gptjax.eval.tasks import EvalInputError, Example
+from gptjax.tokenizer import load_tokenizer
+
+N_CTX = 64
+
+
+@pytest.fixture(scope="module")
+def tok(shared_data):
+    return load_tokenizer(TokenizerConfig(kind="gpt2", path=str(shared_data / "gpt2_bpe")))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tok, tmp_path_factory):
+    cfg = Config(
+        model=ModelConfig(
+            vocab_size=tok.vocab_size, seq_len=N_CTX, n_layer=2, d_model=32, n_head=4
+        ),
+        tokenizer=TokenizerConfig(kind="gpt2"),
+    )
+    params = model.init_params(cfg.model, jax.random.key(0))
+    out = tmp_path_factory.mktemp("eval") / "ckpt"
+    checkpoint.save_params(out, config.to_dict(cfg), params, tok.to_record())
+    return out
+
+
+@pytest.fixture(scope="module")
+def em(ckpt):
+    return EvalModel.load(ckpt, batch_size=8)
+
+
+def _reference_ll(em, ctx, cont):
+    """Independent full forward pass: log_softmax of model.apply, gathered."""
+    tokens = (list(ctx) + list(cont))[-(N_CTX + 1) :]
+    inputs = jnp.asarray([tokens[:-1]])
+    graphdef, _ = model.abstract_model(em.cfg)
+    logits = model.apply(graphdef, em.scorer.params, inputs)[0, :, : em.cfg.vocab_size]
+    logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), np.float64)
+    n = len(cont)
+    positions = np.arange(len(tokens) - 1 - n, len(tokens) - 1)
+    picked = logp[positions, np.asarray(cont)]
+    greedy = bool(np.all(logp[positions].argmax(-1) == np.asarray(cont)))
+    return float(picked.sum()), greedy
+
+
+def _hellaswag(shared_data, n=6):
+    return tasks.load_hellaswag(shared_data / "hellaswag" / "hellaswag_val_first200.txt")[:n]
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def test_multiple_choice_loglikelihood_equals_full_forward(em, shared_data):
+    examples = _hellaswag(shared_data)
+    pairs = [r for ex in examples for r in ex.requests()]
+    pairs.append(("", " an empty context is EOS"))  # lm-eval: [EOS] + continuation
+    got = em.loglikelihood(pairs)
+    for (ctx_text, cont_text), (ll, greedy, n) in zip(pairs, got, strict=True):
+        ctx, cont = encode_pair(em.tokenizer, ctx_text, cont_text)
+        want, want_greedy = _reference_ll(em, ctx, cont)
+        assert n == len(cont)
+        assert abs(ll - want) < 1e-5, (ctx_text[:40], ll, want)
+        assert greedy == want_greedy
+
+
+def test_bucketing_and_batching_do_not_change_any_number(em, shared_data):
+    """Different batch sizes put requests in different buckets / rows / padding."""
+    pairs = [r for ex in _hellaswag(shared_data, 10) for r in ex.requests()]
+    pairs += [("A", " b"), ("x " * 40, " long context, cut from the left to fit n_ctx")]
+    big = em.loglikelihood(pairs)
+    small = EvalModel.from_params(em.cfg, em.scorer.params, em.tokenizer, batch_size=3)
+    for (a, ga, na), (b, gb, nb) in zip(big, small.loglikelihood(pairs), strict=True):
+        assert abs(a - b) < 1e-5 and ga == gb and na == nb
+    ctx, cont = encode_pair(em.tokenizer, *pairs[-1])
+    assert abs(big[-1][0] - _reference_ll(em, ctx, cont)[0]) < 1e-5
+
+
+def test_rolling_loglikelihood_over_texts_longer_than_n_ctx(em, shared_data):
+    text = (shared_data / "tinyshakespeare" / "input.txt").read_text()[:900]
+    ids = em.tokenizer.encode(text)
+    assert len(ids) > 2 * N_CTX
+    [(ll, n)] = em.rolling([text])
+    # Reference from the definition: disjoint blocks of n_ctx predictions, each given as
+    # much of the preceding text as fits (the first one EOS), one full forward each.
+    stream = [em.tokenizer.eos_id] + ids
+    want = 0.0
+    for s in range(0, len(ids), N_CTX):
+        want += _reference_ll(em, stream[: s + 1], ids[s : s + N_CTX])[0]
+    assert n == len(ids)
+    assert abs(ll - want) < 1e-5 * max(1, len(ids) / N_CTX)
+    # lm-eval's window layout, with the same context_len=1.
+    windows = rolling_windows(ids, 0, N_CTX)
+    assert sum(len(c) for _, c in windows) == len(ids)
+    assert all(len(a) + len(b) - 1 <= N_CTX for a, b in windows)
+
+
+def test_length_buckets_are_few():
+    sizes = {length_bucket(n) for n in range(1, 2049)}
+    assert sizes == {8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048}
+
+
+def test_greedy_generation_matches_generate_ids(em):
+    from gptjax.generate import Sampling, generate_ids
+
+    texts = em.generate(["The king", "Once upon a time, there"], until=["\n\n"], max_new=5)
+    ids = generate_ids(
+        em.scorer.graphdef,
+        em.scorer.params,
+        em.cfg,
+        [em.tokenizer.encode("The king"), em.tokenizer.encode("Once upon a time, there")],
+        Sampling(temperature=0.0, max_new_tokens=5, stop_ids=(em.tokenizer.eos_id,)),
+    )
+    assert texts == [em.tokenizer.decode(i).split("\n\n")[0] for i in ids]
+
+
+def test_sharded_evaluation_matches_one_device(ckpt, em, shared_data):
+    from gptjax.sharding import make_mesh
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
+    sharded = EvalModel.load(ckpt, mesh=mesh, batch_size=8)
+    wq = sharded.scorer.params["blocks"]["attn"]["wq"]
+    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    pairs = [r for ex in _hellaswag(shared_data, 4) for r in ex.requests()]
+    for (a, ga, _), (b, gb, _) in zip(
+        em.loglikelihood(pairs), sharded.loglikelihood(pairs), strict=True
+    ):
+        assert abs(a - b) < 1e-5 and ga == gb
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def test_shared_file_loaders(shared_data):
+    hs = tasks.load_hellaswag(shared_data / "hellaswag" / "hellaswag_val_first200.txt")
+    assert len(hs) == 200 and hs[0].gold == 3 and len(hs[0].choices) == 4
+    assert hs[0].context == "Roof shingle removal: A man is sitting on a roof. he"
+    assert hs[0].requests()[0][1] == " " + hs[0].choices[0]
+    piqa = tasks.load_piqa(shared_data / "piqa" / "valid_first200.jsonl")
+    assert len(piqa) == 200 and [e.gold for e in piqa[:3]] == [0, 1, 1]
+    assert piqa[0].context.startswith("Question: How do I ready a guinea pig") and piqa[
+        0
+    ].context.endswith("\nAnswer:")
+    glue = tasks.load_sst2(shared_data / "sst2" / "glue_sst2_dev.tsv")
+    stsa = tasks.load_sst2(shared_data / "sst2" / "stsa.binary.dev")
+    assert len(glue) == len(stsa) == 872 and glue[0].gold == 1 and stsa[0].gold == 0
+    assert glue[0].choices == ("negative", "positive")
+    rte = tasks.load_rte(shared_data / "rte" / "val.jsonl")
+    assert (
+        len(rte) == 277 and rte[0].choices == ("True", "False") and {e.gold for e in rte} == {0, 1}
+    )
+    cb = tasks.load_cb(shared_data / "cb" / "val.jsonl")
+    assert len(cb) == 56 and {e.gold for e in cb} == {0, 1, 2}
+    wiki = tasks.load_wikitext(shared_data / "wikitext-2" / "valid.txt")
+    assert len(wiki) > 20 and wiki[0].kind == "rolling"
+    assert (
+        wiki[0].target.lstrip().startswith("= Homarus gammarus =") and " @-@ " not in wiki[0].target
+    )
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_fixture_format_loaders(tmp_path):
+    j = json.dumps
+    lam = tasks.load_lambada(
+        _write(tmp_path / "lambada_test.jsonl", [j({"text": "he opened the door"})])
+    )
+    assert lam[0].requests() == [("he opened the", " door")]
+
+    hs = tasks.load_hellaswag(_write(tmp_path / "hellaswag_val.jsonl", [j({
+        "activity_label": "Baking", "ctx_a": "She mixes the flour.", "ctx_b": "then she",
+        "endings": ["bakes [title] it.", "b", "c", "d"], "label": 0})]))  # fmt: skip
+    assert (
+        hs[0].context == "Baking: She mixes the flour. Then she"
+        and hs[0].choices[0] == "bakes. it."
+    )
+
+    arc_orig = {"id": "x", "question": {"stem": "What is hot?", "choices": [
+        {"text": "ice", "label": "A"}, {"text": "fire", "label": "B"}]}, "answerKey": "B"}  # fmt: skip
+    arc_flat = {
+        "question": "What is hot?",
+        "choices": {"text": ["ice", "fire"], "label": ["1", "2"]},
+        "answerKey": "2",
+    }
+    common = {"query": "Question: What is hot?\nAnswer:", "choices": ["ice", "fire"], "gold": 1}
+    arc = tasks.load_arc(
+        _write(tmp_path / "ARC-Easy-Test.jsonl", [j(arc_orig), j(arc_flat), j(common)])
+    )
+    assert {(e.context, e.choices, e.gold, e.uncond_context) for e in arc} == {
+        ("Question: What is hot?\nAnswer:", ("ice", "fire"), 1, "Answer:")
+    }
+
+    wg = tasks.load_winogrande(_write(tmp_path / "dev.jsonl", [j({
+        "sentence": "The cup fell off the table because _ was unstable.",
+        "option1": "the cup", "option2": "the table", "answer": "2"})]))  # fmt: skip
+    assert wg[0].partial and wg[0].gold == 1
+    assert wg[0].option(1) == ("The cup fell off the table because the table", " was unstable.")
+
+    copa = tasks.load_copa(_write(tmp_path / "copa.jsonl", [j({
+        "premise": "The man broke his toe.", "choice1": "He dropped a hammer on his foot.",
+        "choice2": "He got a hole in his sock.", "question": "cause", "label": 0})]))  # fmt: skip
+    assert copa[0].option(0) == (
+        "The man broke his toe because",
+        " he dropped a hammer on his foot.",
+    )
+
+    boolq = tasks.load_boolq(
+        _write(tmp_path / "boolq.jsonl", [j({"question": "is it", "passage": "P.", "label": True})])
+    )
+    assert boolq[0].context == "P.\nQuestion: is it?\nAnswer:" and boolq[0].gold == 1
+
+    header = "InputStoryid,InputSentence1,InputSentence2,InputSentence3,InputSentence4,RandomFifthSentenceQuiz1,RandomFifthSentenceQuiz2,AnswerRightEnding"
+    sc = tasks.load_storycloze(
+        _write(tmp_path / "cloze.csv", [header, "id1,A.,B.,C.,D.,Good end.,Bad end.,1"])
+    )
+    assert (
+        sc[0].context == "A. B. C. D."
+        and sc[0].choices == ("Good end.", "Bad end.")
+        and sc[0].gold == 0
+    )
+
+    mc = tasks.load_generic_mc(
+        _write(tmp_path / "mc.jsonl", [j({"context": "Q", "choices": ["a", "b"], "gold": 1})])
+    )
+    assert mc[0].requests() == [("Q", " a"), ("Q", " b")]
+    lm = tasks.load_generic_lm(_write(tmp_path / "lm.jsonl", [j({"text": "one two three"})]))
+    assert lm[0].kind == "rolling" and lm[0].words == 3
+
+
+@pytest.mark.parametrize("fmt", ["yaml", "json"])
+def test_task_definition_as_data(tmp_path, fmt):
+    _write(tmp_path / "data.jsonl", [json.dumps({"goal": "g", "a": "x", "b": "y", "label": "B"})])
+    spec = {"kind": "mc", "data": "data.jsonl", "context": "Goal: {goal}\nAnswer:",
+            "choices": ["{a}", "{b}"], "gold": "{label}", "gold_map": {"A": 0, "B": 1},
+            "primary": "acc_norm"}  # fmt: skip
+    if fmt == "yaml":
+        import yaml
+
+        (tmp_path / "task.yaml").write_text(yaml.safe_dump(spec))
+    else:
+        (tmp_path / "task.json").write_text(json.dumps(spec))
+    task = tasks.resolve_task(f"mytask={tmp_path / f'task.{fmt}'}")
+    assert task.primary == "acc_norm"
+    assert task.examples[0].requests() == [("Goal: g\nAnswer:", " x"), ("Goal: g\nAnswer:", " y")]
+    assert task.examples[0].gold == 1
+    # Templates substitute fields and nothing else: no attribute access, no code.
+    spec["context"] = "{goal.__class__}"
+    (tmp_path / "bad.json").write_text(json.dumps(spec))
+    assert (
+        tasks.resolve_task(f"t={tmp_path / 'bad.json'}").examples[0].context == "{goal.__class__}"
+    )
+
+
+def test_tfds_name_alone(monkeypatch, tmp_path):
+    records = [
+        {
+            "goal": b"Open a jar",
+            "sol1": b"twist",
+            "sol2": b"smash",
+            "label": np.int64(0),
+            "id": b"1",
+        }
+    ]
+    monkeypatch.setattr(tasks, "_tfds_records", lambda name, split, data_dir: [
+        {k: (v.decode() if isinstance(v, bytes) else int(v)) for k, v in r.items()} for r in records
+    ])  # fmt: skip
+    task = tasks.resolve_task("piqa", tmp_dir=tmp_path)
+    assert task.source == "tfds:piqa/validation" and task.fewshot_source == "tfds:piqa/train"
+    assert task.examples[0].requests()[0] == ("Question: Open a jar\nAnswer:", " twist")
+    with pytest.raises(EvalInputError, match="needs a data file"):
+        tasks.resolve_task("wikitext")
+
+
+# ----------------------------------------------------------------------------- few-shot
+
+
+def _mc(i):
+    return Example("mc", f"q{i}", ("yes", "no"), i % 2, doc_id=f"f:{i}")
+
+
+def test_fewshot_is_seeded_never_self_and_joined():
+    examples = [_mc(i) for i in range(20)]
+    a = fewshot.build(examples, 3, pool=None, seed=7, fits=lambda e: True)
+    b = fewshot.build(
+        examples[:5], 3, pool=examples, pool_is_eval_set=True, seed=7, fits=lambda e: True
+    )
+    assert [s.example for s in a[:5]] == [s.example for s in b]  # independent of --limit
+    c = fewshot.build(examples, 3, pool=None, seed=8, fits=lambda e: True)
+    assert [s.demo_ids for s in a] != [s.demo_ids for s in c]
+    for s, ex in zip(a, examples, strict=True):
+        assert s.k == 3 and ex.doc_id not in s.demo_ids and len(set(s.demo_ids)) == 3
+        parts = s.example.context.split("\n\n")
+        assert len(parts) == 4 and parts[-1] == ex.context
+        assert all(p in {e.demo() for e in examples} for p in parts[:3])
+    # A separate training pool: an identical item is never drawn either.
+    pool = [_mc(0), _mc(1)]
+    shots = fewshot.build([_mc(0)], 1, pool=pool, seed=0, fits=lambda e: True)
+    assert shots[0].demo_ids == ("f:1",)
+
+
+def test_fewshot_k_clamped_to_fit_and_to_pool(caplog):
+    examples = [_mc(i) for i in range(6)]
+    shots = fewshot.build(
+        examples, 4, pool=None, seed=0, fits=lambda e: e.context.count("\n\n") <= 2
+    )
+    assert [s.k for s in shots] == [2] * 6
+    with caplog.at_level(logging.WARNING):
+        shots = fewshot.build(examples, 50, pool=None, seed=0, fits=lambda e: True, name="t")
+    assert [s.k for s in shots] == [5] * 6 and "larger than the few-shot pool" in caplog.text
+
+
+def test_fewshot_fits_n_ctx_and_records_k(em, shared_data):
+    task = tasks.resolve_task(
+        f"hellaswag={shared_data / 'hellaswag' / 'hellaswag_val_first200.txt'}"
+    )
+    task.examples = task.examples[:4]
+    result, samples = harness.evaluate_task(em, task, 8, harness.RunOptions())
+    assert result["k"] == 8 and result["k_used_max"] < 8  # 8 demos never fit 64 tokens
+    assert [s["k_used"] for s in samples] == [len(s["demo_ids"]) for s in samples]
+    for s in samples:
+        ctx = s["context"]
+        assert max(em.request_tokens(ctx, " " + c) for c in s["choices"]) <= N_CTX
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_metrics():
+    pred = metrics.mc_predictions(
+        [-3.0, -4.0], n_chars=[1, 10], n_tokens=[1, 4], uncond_lls=[-1.0, -5.0]
+    )
+    assert pred == {"acc": 0, "acc_norm": 1, "acc_norm_token": 1, "acc_uncond": 1}
+    value, se = metrics.mean_stderr([1, 0, 1, 1])
+    assert value == 0.75 and abs(se - np.std([1, 0, 1, 1], ddof=1) / 2) < 1e-12
+    ppl, _ = metrics.perplexity([-1.0, -3.0])
+    assert abs(ppl - np.exp(2.0)) < 1e-9
+    w = metrics.weighted_perplexities([-10.0, -20.0], words=[5, 5], n_bytes=[10, 20], tokens=[3, 3])
+    assert abs(w["bits_per_byte"][0] - 1.0 / np.log(2)) < 1e-12
+    assert abs(w["word_perplexity"][0] - np.exp(3.0)) < 1e-9
+    assert metrics.exact_match("The Eiffel tower!", ["eiffel tower"]) == 1.0
+    assert abs(metrics.f1("the big red dog", "big dog") - 0.8) < 1e-12  # P 2/3, R 1
+    assert metrics.macro_f1([0, 1, 1], [0, 1, 0]) == pytest.approx((2 / 3 + 2 / 3) / 2)
+
+
+# ----------------------------------------------------------------------------- harness + CLI
+
+
+def test_cli_writes_results_table_png_and_samples(ckpt, shared_data, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    text = (shared_data / "tinyshakespeare" / "input.txt").read_text()
+    lm = _write(
+        tmp_path / "lm.jsonl",
+        [json.dumps({"text": text[:300]}), json.dumps({"text": text[300:500]})],
+    )
+    rc = cli_main([
+        "--checkpoint", str(ckpt),
+        "--task", f"hellaswag={shared_data / 'hellaswag' / 'hellaswag_val_first200.txt'}",
+        "--task", f"piqa={shared_data / 'piqa' / 'valid_first200.jsonl'}",
+        "--task", f"lm={lm}",
+        "--shots", "0,1", "--limit", "4", "--batch-size", "8", "--mesh", "1,1,1",
+        "--output", str(out), "--log-samples", str(tmp_path / "samples.jsonl"),
+    ])  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "Zero-Shot" in printed and "One-Shot" in printed and "hellaswag" in printed
+    report = json.loads(out.read_text())
+    results = {(r["task"], r["k"]): r for r in report["results"]}
+    assert set(results) == {("hellaswag", 0), ("hellaswag", 1), ("piqa", 0), ("piqa", 1), ("lm", 0)}
+    hs = results[("hellaswag", 0)]
+    assert (
+        hs["n"] == 4
+        and hs["k_used"] == 0
+        and set(hs["metrics"]) >= {"acc", "acc_norm", "acc_norm_token"}
+    )
+    assert {"value", "stderr"} == set(hs["metrics"]["acc"])
+    assert results[("lm", 0)]["metrics"]["bits_per_byte"]["value"] > 0
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = (tmp_path / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 4 * 4 + 2 and json.loads(lines[0])["doc_id"].startswith(
+        "hellaswag_val_first200.txt:"
+    )
+
+
+def test_failing_task_does_not_lose_finished_results(em, shared_data, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(harness, "_score_rolling", boom)
+    ok = tasks.resolve_task(f"piqa={shared_data / 'piqa' / 'valid_first200.jsonl'}")
+    bad = tasks.resolve_task(f"wikitext={shared_data / 'wikitext-2' / 'valid.txt'}")
+    out = tmp_path / "r.json"
+    report = harness.run(em, [bad, ok], harness.RunOptions(limit=2, output=out))
+    written = json.loads(out.read_text())["results"]
+    assert written[0] == {"task": "wikitext", "k": 0, "error": "RuntimeError: device lost"}
+    assert written[1]["task"] == "piqa" and "metrics" in written[1]
+    assert "error" in report["table"]
+
+
+def test_bad_input_messages(tmp_path, shared_data, ckpt, capsys):
+    bad = _write(
+        tmp_path / "piqa.jsonl", [json.dumps({"goal": "g", "sol1": "a", "sol2": "b"}), "{not json"]
+    )
+    with pytest.raises(EvalInputError, match=r"piqa\.jsonl:2: malformed JSON"):
+        tasks.load_piqa(bad)
+    good = _write(tmp_path / "valid.jsonl", [json.dumps({"goal": "g", "sol1": "a", "sol2": "b"})])
+    with pytest.raises(
+        EvalInputError,
+        match=r"labels file for .*valid\.jsonl not found: expected .*valid-labels\.lst",
+    ):
+        tasks.load_piqa(good)
+    with pytest.raises(
+        EvalInputError, match="unknown task 'nosuch'; known tasks: .*hellaswag.*piqa"
+    ):
+        tasks.resolve_task("nosuch=x.jsonl")
+    hs = _write(tmp_path / "hs.txt", ["ctx", "7", "a", "b", "c", "d"])
+    with pytest.raises(EvalInputError, match=r"hs\.txt:2: gold label '7'"):
+        tasks.load_hellaswag(hs)
+    rte = _write(tmp_path / "rte.jsonl", [json.dumps({"premise": "p", "hypothesis": "h"})])
+    with pytest.raises(EvalInputError, match=r"rte\.jsonl:1: no 'label'"):
+        tasks.load_rte(rte)
+    # The CLI: exit code 2 and the message, before any model work.
+    assert cli_main(["--checkpoint", str(ckpt), "--task", "nosuch=x"]) == 2
+    assert "known tasks" in capsys.readouterr().err
+    assert cli_main(["--checkpoint", str(ckpt), "--task", f"piqa={bad}"]) == 2
+    assert "piqa.jsonl:2" in capsys.readouterr().err
+    assert (
+        cli_main(
+            [
+                "--checkpoint",
+                str(tmp_path / "none"),
+                "--task",
+                f"piqa={shared_data / 'piqa' / 'valid_first200.jsonl'}",
+            ]
+        )
+        == 2
+    )
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert cli_main(["--checkpoint", str(ckpt), "--task", "piqa=x", "--shots", "0,a"]) == 2
+
+
+def test_import_is_light():
+    code = (
+        "import sys, gptjax, gptjax.eval\n"
+        "bad = [m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
