@@ -393,7 +393,7 @@ def test_cli_reports_missing_config_file(tmp_path, capsys):
     [
         ["train.batch_ramp_start=16", "train.batch_ramp_steps=0"],
         ["train.batch_ramp_start=64", "train.batch_ramp_steps=10"],
-        ["train.microbatches=4", "train.batch_ramp_start=4", "train.batch_ramp_steps=10"],
+        ["train.microbatches=4", "train.batch_ramp_start=3", "train.batch_ramp_steps=10"],
     ],
 )
 def test_inconsistent_batch_ramp_is_rejected(overrides):
