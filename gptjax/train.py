@@ -117,10 +117,14 @@ def make_train_step(cfg: Config, graphdef, tx):
             return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         n_micro = batch_KxBxL1.shape[0]
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (loss_sum, grad_sum), _ = jax.lax.scan(
-            micro, (jnp.zeros((), jnp.float32), zeros), (batch_KxBxL1, jnp.arange(n_micro))
-        )
+        if n_micro == 1:  # no accumulation buffers, no loop: measurably faster on CPU
+            rng = jax.random.fold_in(step_rng, 0) if use_dropout else None
+            loss_sum, grad_sum = grad_fn(state.params, batch_KxBxL1[0], rng)
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (loss_sum, grad_sum), _ = jax.lax.scan(
+                micro, (jnp.zeros((), jnp.float32), zeros), (batch_KxBxL1, jnp.arange(n_micro))
+            )
         loss = loss_sum / n_micro
         grads = jax.tree.map(lambda g: g / n_micro, grad_sum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
