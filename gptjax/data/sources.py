@@ -60,22 +60,28 @@ def _parse_tfds(spec: str) -> tuple[str, str]:
     return name, split or "train"
 
 
-def _open_tfds(spec: str, cfg: DataConfig):
-    """tfds.data_source for a `tfds:` spec; TFDS is imported only here (it is heavy)."""
+def open_tfds(name: str, split: str, data_dir: str | None):
+    """tfds.data_source over a locally prepared (array_record) dataset, never a download;
+    TFDS is imported only here (it is heavy). A DataError says how to prepare it."""
     import tensorflow_datasets as tfds
 
-    name, split = _parse_tfds(spec)
     try:
-        return tfds.data_source(
-            name, split=split, data_dir=cfg.tfds_data_dir or None, download=False
-        )
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # TFDS raises several types; its first line says what is wrong
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
-            f"source {spec!r}: cannot open TFDS dataset {name!r} split {split!r} "
-            f"(data_dir={cfg.tfds_data_dir or 'TFDS default'}): {first}. It must be prepared "
+            f"cannot open TFDS dataset {name!r} split {split!r} "
+            f"(data_dir={data_dir or 'TFDS default'}): {first}. It must be prepared "
             f"in array_record format, e.g. `tfds build {name} --file_format=array_record`."
         ) from None
+
+
+def _open_tfds(spec: str, cfg: DataConfig):
+    name, split = _parse_tfds(spec)
+    try:
+        return open_tfds(name, split, cfg.tfds_data_dir or None)
+    except DataError as e:
+        raise DataError(f"source {spec!r}: {e}") from None
 
 
 def _source_files(spec: str) -> list[Path]:

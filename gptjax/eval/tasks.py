@@ -743,17 +743,13 @@ def _tfds_records(dataset: str, split: str, data_dir: str | None) -> list[dict]:
     """A prepared TFDS dataset's records as plain dicts (bytes -> str), through
     tfds.data_source (array_record, no TensorFlow, no download)."""
     import numpy as np
-    import tensorflow_datasets as tfds
+
+    from gptjax.data.sources import DataError, open_tfds
 
     try:
-        source = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # TFDS raises several types; its first line says what is wrong
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EvalInputError(
-            f"TFDS dataset {dataset!r} split {split!r} is not prepared locally "
-            f"(data_dir={data_dir or 'TFDS default'}): {first}. Prepare it with "
-            f"`tfds build {dataset} --file_format=array_record`, or give NAME=PATH."
-        ) from None
+        source = open_tfds(dataset, split, data_dir)
+    except DataError as e:
+        raise EvalInputError(f"{e} Or give the task's data as NAME=PATH.") from None
 
     def plain(x):
         if isinstance(x, bytes):
