@@ -79,9 +79,9 @@ def apply_rope(x_BxLxNxH, positions_BxL, theta: float):
     return rotated.reshape(x.shape).astype(x_BxLxNxH.dtype)
 
 
-def attention_mask(q_len: int, k_len: int, window: int, offset: int = 0):
-    """Causal (and, for window > 0, banded) mask [q_len, k_len]; query i sits at offset + i."""
-    q_pos = jnp.arange(q_len)[:, None] + offset
+def attention_mask(q_len: int, k_len: int, window: int):
+    """Causal (and, for window > 0, banded) mask [q_len, k_len]."""
+    q_pos = jnp.arange(q_len)[:, None]
     k_pos = jnp.arange(k_len)[None, :]
     mask = k_pos <= q_pos
     if window:

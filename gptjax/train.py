@@ -276,6 +276,7 @@ def train(cfg: Config, workdir: str | Path) -> dict:
         writer = metrics.MetricsWriter(workdir, start_step, enabled=primary)
 
         pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet read
+        flush_held: list[tuple[int, dict]] = []  # read at a checkpoint, not yet logged
 
         def flush_pending() -> list[tuple[int, dict]]:
             got = jax.device_get(pending)
@@ -299,7 +300,6 @@ def train(cfg: Config, workdir: str | Path) -> dict:
                 tokenizer.to_record(),
             )
 
-        flush_held: list[tuple[int, dict]] = []
         progress = _progress(start_step, t.steps, primary)
         last_time, last_step = time.perf_counter(), start_step
         val_loss = None

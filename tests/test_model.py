@@ -91,9 +91,8 @@ def test_explicit_attention_matches_fused():
     m = nnx.merge(graphdef, params)
     x = jax.random.normal(jax.random.key(0), (2, cfg.seq_len, cfg.d_model))
     positions = jnp.broadcast_to(jnp.arange(cfg.seq_len), (2, cfg.seq_len))
-    attn = nnx.merge(*nnx.split(m.blocks))  # stacked; take layer 0
-    layer0 = jax.tree.map(lambda a: a[0], nnx.split(attn)[1])
-    block = nnx.merge(nnx.split(attn)[0], layer0)
+    graphdef_blocks, stacked = nnx.split(m.blocks)  # stacked layers; take layer 0
+    block = nnx.merge(graphdef_blocks, jax.tree.map(lambda a: a[0], stacked))
     for window in (0, 5):
         fused = block.attn(x, positions, window, None)
         q = jnp.einsum("bld,dnh->blnh", x, block.attn.wq[...]) + block.attn.bq[...]
