@@ -386,21 +386,25 @@ class GPT(nnx.Module):
             v_LxBxSxKxH=write(cache.v_LxBxSxKxH, interleave(kv_out[1])),
         )
 
-    def decode(self, tokens_BxT, positions_BxT, cache: KVCache):
+    def decode(self, tokens_BxT, positions_BxT, cache: KVCache, head_DxV=None):
         """Logits [B, T, V] for a chunk at slots cache.index.., and the updated cache
-        (index advanced by T). Prefill is a chunk of the whole prompt; decode, of one."""
+        (index advanced by T). Prefill is a chunk of the whole prompt; decode, of one.
+        head_DxV: a tied model's output embedding as a [D, V] array (see `logits`)."""
         x_BxTxD = self.embed(tokens_BxT, positions_BxT)
         h_BxTxD, cache = self.layers(x_BxTxD, positions_BxT, None, cache)
-        return self.logits(h_BxTxD), cache.replace(
+        return self.logits(h_BxTxD, head_DxV), cache.replace(
             index=cache.index + tokens_BxT.shape[1], fresh=False
         )
 
-    def logits(self, h_BxLxD):
+    def logits(self, h_BxLxD, head_DxV=None):
+        """Logits [B, L, V_padded]. head_DxV, when given, replaces the head: generation
+        passes wte^T materialised once, as XLA:CPU multiplies a few rows by wte^T slowly."""
         dt = h_BxLxD.dtype
-        if self.cfg.tie_embeddings:
+        if head_DxV is None and self.cfg.tie_embeddings:
             logits_BxLxV = jnp.einsum("bld,vd->blv", h_BxLxD, self.wte[...].astype(dt))
         else:
-            logits_BxLxV = jnp.einsum("bld,dv->blv", h_BxLxD, self.lm_head[...].astype(dt))
+            head_DxV = self.lm_head[...] if head_DxV is None else head_DxV
+            logits_BxLxV = jnp.einsum("bld,dv->blv", h_BxLxD, head_DxV.astype(dt))
         if self.cfg.padded_vocab > self.cfg.vocab_size:
             # Padding rows exist for sharding only: they must never take probability mass
             # (an imported model's zero rows would otherwise score logit 0).

@@ -268,24 +268,51 @@ def test_task_definition_as_data(tmp_path, fmt):
     )
 
 
-def test_tfds_name_alone(monkeypatch, tmp_path):
-    records = [
-        {
-            "goal": b"Open a jar",
-            "sol1": b"twist",
-            "sol2": b"smash",
-            "label": np.int64(0),
-            "id": b"1",
-        }
-    ]
-    monkeypatch.setattr(tasks, "_tfds_records", lambda name, split, data_dir: [
-        {k: (v.decode() if isinstance(v, bytes) else int(v)) for k, v in r.items()} for r in records
-    ])  # fmt: skip
-    task = tasks.resolve_task("piqa", tmp_dir=tmp_path)
+def test_tfds_name_alone_reads_a_real_prepared_dataset(shared_data, tmp_path):
+    """TFDS's own PIQA builder, fed the shared PIQA slice instead of its download URL,
+    prepares array_record files; `piqa` (no PATH) must then load them through
+    tfds.data_source with the same examples as the original files give."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.datasets.piqa import piqa_dataset_builder
+
+    valid = shared_data / "piqa" / "valid_first200.jsonl"
+    labels = shared_data / "piqa" / "valid-labels_first200.lst"
+    # The original distribution's records carry an id, which the shared slice dropped.
+    records = [{**json.loads(line), "id": f"v{i}"} for i, line in enumerate(valid.open())]
+    label_lines = labels.read_text().splitlines()
+    for split, n in (("train", 20), ("dev", 200)):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:n]))
+        (tmp_path / f"{split}-labels.lst").write_text("\n".join(label_lines[:n]) + "\n")
+
+    class LocalPiqa(piqa_dataset_builder.Builder, skip_registration=True):
+        name = "piqa"
+        __module__ = piqa_dataset_builder.__name__  # its metadata files live there
+
+        def _split_generators(self, dl_manager):
+            return {
+                name: self._generate_examples(tmp_path / f"{split}.jsonl",
+                                              tmp_path / f"{split}-labels.lst")
+                for name, split in (("train", "train"), ("validation", "dev"))
+            }  # fmt: skip
+
+    data_dir = tmp_path / "tfds"
+    LocalPiqa(data_dir=str(data_dir), file_format="array_record").download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path))
+    )
+    task = tasks.resolve_task("piqa", tfds_data_dir=str(data_dir), tmp_dir=tmp_path)
     assert task.source == "tfds:piqa/validation" and task.fewshot_source == "tfds:piqa/train"
-    assert task.examples[0].requests()[0] == ("Question: Open a jar\nAnswer:", " twist")
+    from_files = tasks.resolve_task(f"piqa={valid}")
+
+    def key(e):
+        return e.context, tuple(e.choices), e.gold
+
+    assert len(task.examples) == len(from_files.examples) == 200
+    assert sorted(map(key, task.examples)) == sorted(map(key, from_files.examples))
+    assert len(task.fewshot_pool) == 20
     with pytest.raises(EvalInputError, match="needs a data file"):
         tasks.resolve_task("wikitext")
+    with pytest.raises(EvalInputError, match="hellaswag"):
+        tasks.resolve_task("hellaswag", tfds_data_dir=str(data_dir))  # not prepared there
 
 
 # ----------------------------------------------------------------------------- few-shot

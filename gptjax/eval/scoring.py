@@ -206,7 +206,6 @@ class Scorer:
         self.batch_size, self.token_budget = max(1, batch_size), token_budget
         self.shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self._score = jax.jit(make_score_fn(graphdef, cfg))
-        self._generate = {}
         self.shapes: set[tuple] = set()  # distinct compiled shapes, for the record
 
     @property
@@ -321,15 +320,12 @@ class Scorer:
         self, prompts: Sequence[Sequence[int]], max_new: int, stop_ids: tuple[int, ...]
     ) -> list[list[int]]:
         """Greedy continuations (stop ids excluded), batched and bucketed."""
-        from gptjax.generate import Sampling, make_generate_fn
+        from gptjax.generate import Sampling, jitted_generate_fn
 
         max_new = min(max_new, self.n_ctx - 1)
         room = self.n_ctx - max_new
-        key = (max_new, stop_ids)
-        if key not in self._generate:
-            sampling = Sampling(temperature=0.0, max_new_tokens=max_new, stop_ids=stop_ids)
-            self._generate[key] = jax.jit(make_generate_fn(self.graphdef, self.cfg, sampling))
-        fn = self._generate[key]
+        sampling = Sampling(temperature=0.0, max_new_tokens=max_new, stop_ids=stop_ids)
+        fn = jitted_generate_fn(self.graphdef, self.cfg, sampling)
         prompts = [list(p)[-room:] or [stop_ids[0] if stop_ids else 0] for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         out: list[list[int]] = [[] for _ in prompts]
