@@ -66,8 +66,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
 
 def make_generate_fn(graphdef, cfg: ModelConfig, sampling: Sampling):
     """jit-able (params, head_DxV, tokens_BxP, pad_B, key) -> (new tokens [B, max_new],
-    lengths [B]). head_DxV: a tied model's output head as a [D, V] array (see
-    `jitted_generate_fn`), or None to use the model's own."""
+    lengths [B]). head_DxV: model.decode_head(params, cfg), made outside this jit."""
     n_new = sampling.max_new_tokens
     stop = jnp.asarray(sampling.stop_ids or (-1,), jnp.int32)
 
@@ -116,15 +115,9 @@ def make_generate_fn(graphdef, cfg: ModelConfig, sampling: Sampling):
 def jitted_generate_fn(graphdef, cfg: ModelConfig, sampling: Sampling):
     """(params, tokens_BxP, pad_B, key) -> make_generate_fn's outputs, compiled once per
     (model, sampling): a new jax.jit per call would trace and compile the loop every time.
-
-    A tied head is first transposed by a jit of its own into a real [D, V] array: decode
-    steps multiply a few rows by it, which XLA:CPU does ~1.6x faster than by wte^T, and
-    a transpose inside the loop's jit is folded back into the matmul."""
+    The decode head (model.decode_head) is made by a jit of its own first."""
     loop = jax.jit(make_generate_fn(graphdef, cfg, sampling))
-    if not cfg.tie_embeddings:
-        return lambda params, *args: loop(params, None, *args)
-    dtype = jnp.dtype(cfg.compute_dtype)
-    head = jax.jit(lambda params: jnp.transpose(params["wte"].astype(dtype)))
+    head = jax.jit(functools.partial(model_lib.decode_head, cfg=cfg))
     return lambda params, *args: loop(params, head(params), *args)
 
 

@@ -389,7 +389,7 @@ class GPT(nnx.Module):
     def decode(self, tokens_BxT, positions_BxT, cache: KVCache, head_DxV=None):
         """Logits [B, T, V] for a chunk at slots cache.index.., and the updated cache
         (index advanced by T). Prefill is a chunk of the whole prompt; decode, of one.
-        head_DxV: a tied model's output embedding as a [D, V] array (see `logits`)."""
+        head_DxV: see `decode_head`."""
         x_BxTxD = self.embed(tokens_BxT, positions_BxT)
         h_BxTxD, cache = self.layers(x_BxTxD, positions_BxT, None, cache)
         return self.logits(h_BxTxD, head_DxV), cache.replace(
@@ -397,8 +397,7 @@ class GPT(nnx.Module):
         )
 
     def logits(self, h_BxLxD, head_DxV=None):
-        """Logits [B, L, V_padded]. head_DxV, when given, replaces the head: generation
-        passes wte^T materialised once, as XLA:CPU multiplies a few rows by wte^T slowly."""
+        """Logits [B, L, V_padded]. head_DxV (see `decode_head`) replaces a tied head."""
         dt = h_BxLxD.dtype
         if head_DxV is None and self.cfg.tie_embeddings:
             logits_BxLxV = jnp.einsum("bld,vd->blv", h_BxLxD, self.wte[...].astype(dt))
@@ -433,6 +432,17 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
 def apply(graphdef: nnx.GraphDef, params: dict, tokens_BxL, **kwargs):
     """Logits from plain params: the functional entry point used under jit."""
     return nnx.merge(graphdef, params)(tokens_BxL, **kwargs)
+
+
+def decode_head(params: dict, cfg: ModelConfig):
+    """A tied model's output head as a [D, V] array for `GPT.logits(h, head_DxV)`, or
+    None for an untied head (already [D, V]). Call it under a jax.jit of its own, once
+    per set of weights: the transpose must be a real array, because XLA:CPU multiplies a
+    few rows by wte^T ~1.6x slower than by [D, V], and inside the caller's jit it would
+    be folded back into the matmul. Decoding and scoring use it."""
+    if not cfg.tie_embeddings:
+        return None
+    return jnp.transpose(params["wte"].astype(cfg.compute_dtype))
 
 
 def param_count(params) -> int:

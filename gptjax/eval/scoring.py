@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax.config import ModelConfig
-from gptjax.model import KVCache
+from gptjax.model import KVCache, decode_head
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +124,15 @@ def row_bucket(n: int, multiple: int = 1) -> int:
 
 # ----------------------------------------------------------------------------- device
 
+_HEAD_BLOCK = 64  # positions per LM-head matmul in make_score_fn
+
 
 def make_score_fn(graphdef, cfg: ModelConfig):
-    """(params, ctx [G, P] left-padded, ctx_pad [G], cont [R, T] right-padded,
-    cont_len [R], row_ctx [R]) -> (token log-probs [R, T], zero past each length;
-    is_greedy [R])."""
+    """(params, head_DxV, ctx [G, P] left-padded, ctx_pad [G], cont [R, T] right-padded,
+    row_ctx [R], sel [N]) -> (log-prob [N], is-greedy [N]) of the continuation tokens at
+    flat positions sel (row * T + t). head_DxV: model.decode_head, made outside this jit."""
 
-    def score(params, ctx_GxP, pad_G, cont_RxT, len_R, row_G_R):
+    def score(params, head_DxV, ctx_GxP, pad_G, cont_RxT, row_G_R, sel_N):
         model = nnx.merge(graphdef, params)
         g, p = ctx_GxP.shape
         r, t = cont_RxT.shape
@@ -153,32 +157,31 @@ def make_score_fn(graphdef, cfg: ModelConfig):
             pos_RxT = jnp.minimum(pos_RxT, cfg.seq_len - 1)
         h_RxTxD, _ = model.layers(model.embed(cont_RxT, pos_RxT), pos_RxT, None, cache_R)
         # Token t is predicted by the hidden state before it: the context's last position
-        # for t = 0. Only these T positions per row go through the LM head.
+        # for t = 0.
         h_RxTxD = jnp.concatenate([rows(h_GxPxD[:, -1:], 0), h_RxTxD[:, :-1]], axis=1)
-        # The LM head runs in a loop over blocks of positions ([c*R, V] logits at a time),
-        # which never materialises [R, T, V] and keeps XLA:CPU on its fast reduction path.
-        # Padded vocabulary rows are masked to the dtype's minimum by model.logits: they
-        # take no mass and never win the max.
-        c = max(1, min(4, 64 // r))
-        h_NxCRxD = jnp.swapaxes(h_RxTxD, 0, 1).reshape(t // c, c * r, -1)
-        tok_NxCR = cont_RxT.T.reshape(t // c, c * r)
+        # Only the real continuation tokens (sel) go through the LM head, the bulk of the
+        # work: none of the padding of the length buckets. It runs in a loop over blocks
+        # of 64 positions, which never materialises [N, V] and keeps XLA:CPU on its fast
+        # reduction path. Padded vocabulary rows are masked to the dtype's minimum by
+        # model.logits: they take no mass and never win the max.
+        n = sel_N.shape[0]
+        block = min(n, _HEAD_BLOCK)
+        h_NxD = jnp.take(h_RxTxD.reshape(r * t, -1), sel_N, axis=0)
+        tok_N = jnp.take(cont_RxT.reshape(r * t), sel_N)
 
         def head(xs):
             h_BxD, tok_B = xs
-            logits_BxV = model.logits(h_BxD[:, None])[:, 0].astype(jnp.float32)
+            logits_BxV = model.logits(h_BxD[:, None], head_DxV)[:, 0].astype(jnp.float32)
             max_B = jnp.max(logits_BxV, axis=-1)
             lse_B = jnp.log(jnp.sum(jnp.exp(logits_BxV - max_B[:, None]), axis=-1)) + max_B
             target_B = jnp.take_along_axis(logits_BxV, tok_B[:, None], axis=-1)[:, 0]
             # Greedy: the target's logit is the maximum (lm-eval: argmax == target).
             return target_B - lse_B, target_B >= max_B
 
-        lp_NxCR, hit_NxCR = jax.lax.map(head, (h_NxCRxD, tok_NxCR))
-        tok_RxT = lp_NxCR.reshape(t, r).T
-        hit_RxT = hit_NxCR.reshape(t, r).T
-        real_RxT = jnp.arange(t)[None, :] < len_R[:, None]
-        greedy_R = jnp.all(hit_RxT | ~real_RxT, axis=-1)
+        xs = (h_NxD.reshape(n // block, block, -1), tok_N.reshape(n // block, block))
+        lp_MxB, hit_MxB = jax.lax.map(head, xs)
         # Per-token log-probs go back to the host, which sums them in float64.
-        return jnp.where(real_RxT, tok_RxT, 0.0), greedy_R
+        return lp_MxB.reshape(n), hit_MxB.reshape(n)
 
     return score
 
@@ -206,6 +209,7 @@ class Scorer:
         self.batch_size, self.token_budget = max(1, batch_size), token_budget
         self.shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self._score = jax.jit(make_score_fn(graphdef, cfg))
+        self._head = self._call(jax.jit(partial(decode_head, cfg=cfg)), params)
         self.shapes: set[tuple] = set()  # distinct compiled shapes, for the record
 
     @property
@@ -271,14 +275,14 @@ class Scorer:
         pending = []
         for batch in self._batches(groups):
             pending.append((batch, self._dispatch(batch)))
-        for batch, (ll, greedy) in pending:
-            ll = np.asarray(ll).astype(np.float64).sum(axis=-1)
-            greedy = np.asarray(greedy)
-            r = 0
+        for batch, (lp, hit) in pending:
+            lp, hit = np.asarray(lp).astype(np.float64), np.asarray(hit)
+            start = 0
             for gr in batch:
-                for i, _ in gr.conts:
-                    results[i] = (float(ll[r]), bool(greedy[r]))
-                    r += 1
+                for i, c in gr.conts:
+                    end = start + len(c)
+                    results[i] = (float(lp[start:end].sum()), bool(hit[start:end].all()))
+                    start = end
         return results  # type: ignore[return-value]
 
     def _dispatch(self, batch: list[_Group]):
@@ -290,19 +294,24 @@ class Scorer:
         ctx = np.zeros((g, p), np.int32)
         pad = np.full((g,), p - 1, np.int32)  # padding groups: one (masked-in) token
         cont = np.zeros((r, t), np.int32)
-        lens = np.zeros((r,), np.int32)
         row_g = np.zeros((r,), np.int32)
+        sel = []  # flat positions (row * t + j) of the real continuation tokens, in order
         row = 0
         for j, gr in enumerate(batch):
             ctx[j, p - len(gr.ctx) :] = gr.ctx
             pad[j] = p - len(gr.ctx)
             for _, c in gr.conts:
                 cont[row, : len(c)] = c
-                lens[row], row_g[row] = len(c), j
+                row_g[row] = j
+                sel.extend(range(row * t, row * t + len(c)))
                 row += 1
-        self.shapes.add(("score", g, p, r, t))
-        args = self._place(ctx, pad, cont, lens, row_g)
-        return self._call(self._score, self.params, *args)
+        step = math.lcm(_HEAD_BLOCK, self.shards)
+        n = -(-length_bucket(len(sel), _HEAD_BLOCK) // step) * step
+        sel_n = np.zeros((n,), np.int32)  # padding entries score position 0, discarded
+        sel_n[: len(sel)] = sel
+        self.shapes.add(("score", g, p, r, t, n))
+        args = self._place(ctx, pad, cont, row_g, sel_n)
+        return self._call(self._score, self.params, self._head, *args)
 
     def rolling(self, texts_ids: Sequence[Sequence[int]], prefix_id: int) -> list[float]:
         """Total loglikelihood of each token list over disjoint n_ctx windows."""
