@@ -46,6 +46,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (after compile)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--attention-impl",
+        default="blocked",
+        choices=("blocked", "xla"),
+        help="gptjax model.attention_impl (blocked: the CPU choice)",
+    )
+    p.add_argument(
+        "--scan-layers",
+        action="store_true",
+        help="gptjax model.scan_layers=True (default here: unrolled, the CPU choice for 6 layers)",
+    )
+    p.add_argument(
         "--quiet-threshold",
         type=float,
         default=0.1,
@@ -101,6 +112,8 @@ def make_config(args):
         attn_dropout=0.0,
         param_dtype="float32",
         compute_dtype="float32",
+        attention_impl=args.attention_impl,
+        scan_layers=args.scan_layers,
     )
     # A constant learning rate (no warmup from 0) so both frameworks apply the same
     # update from the first step; the schedule costs nothing either way.
@@ -425,7 +438,8 @@ def main(argv=None) -> None:
     print(
         f"  GPT-2 shape: vocab {m.vocab_size} (padded {m.padded_vocab}), seq_len {m.seq_len}, "
         f"n_layer {m.n_layer}, d_model {m.d_model}, n_head {m.n_head}, d_ff {m.ffn_dim}; "
-        f"batch {args.batch} x {m.seq_len} = {tokens_per_step} tokens/step"
+        f"batch {args.batch} x {m.seq_len} = {tokens_per_step} tokens/step; gptjax "
+        f"attention_impl={m.attention_impl}, scan_layers={m.scan_layers}"
     )
     print(
         f"  f32, dropout 0, AdamW(lr {cfg.optim.lr}, betas ({cfg.optim.b1}, {cfg.optim.b2}), "

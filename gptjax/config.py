@@ -45,7 +45,12 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots_saveable"] = "none"
-    attention_impl: Literal["xla", "cudnn"] = "xla"
+    # xla: jax.nn.dot_product_attention; cudnn: its GPU flash kernel; blocked: causal
+    # attention in query blocks that skip the masked key blocks (faster on CPU).
+    attention_impl: Literal["xla", "cudnn", "blocked"] = "xla"
+    # False unrolls the layer loop (same weights layout): faster steps on CPU for small
+    # models, compile time growing with depth. True (a scan) for anything large.
+    scan_layers: bool = True
 
     @property
     def kv_heads(self) -> int:

@@ -89,6 +89,41 @@ def attention_mask(q_len: int, k_len: int, window: int):
     return mask
 
 
+def blocked_causal_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, window: int, blocks: int = 4):
+    """Causal (banded for window > 0) softmax attention computed per block of queries
+    over only the keys up to that block's end: about half the work of the full L x L
+    scores, forward and backward. XLA:CPU's dot_product_attention computes them all."""
+    b, length, n, h = q_BxLxNxH.shape
+    kv = k_BxLxKxH.shape[2]
+    if length % blocks or length < 64:
+        blocks = 1
+    size = length // blocks
+    dt = q_BxLxNxH.dtype
+    # Heads-major [B, K, G, L, H] (queries) and [B, K, 1, L, H] (keys, values) for GQA.
+    q = q_BxLxNxH.reshape(b, length, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
+    q = q * jnp.asarray(1 / math.sqrt(h), dt)
+    k = k_BxLxKxH.transpose(0, 2, 1, 3)[:, :, None]
+    v = v_BxLxKxH.transpose(0, 2, 1, 3)[:, :, None]
+    outs = []
+    for i in range(blocks):
+        end = (i + 1) * size
+        scores = jnp.matmul(
+            q[..., i * size : end, :], jnp.swapaxes(k[..., :end, :], -1, -2)
+        ).astype(jnp.float32)
+        q_pos, k_pos = i * size + jnp.arange(size)[:, None], jnp.arange(end)[None, :]
+        ok = k_pos <= q_pos
+        if window:
+            ok &= q_pos - k_pos < window
+        scores = jnp.where(ok, scores, -jnp.inf)  # every row keeps its own key: finite max
+        peak = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+        weights = jnp.exp(scores - peak)
+        # Normalising after the product with v divides L x H values, not L x L.
+        out = jnp.matmul(weights.astype(dt), v[..., :end, :]).astype(jnp.float32)
+        outs.append((out / jnp.sum(weights, axis=-1, keepdims=True)).astype(dt))
+    out = jnp.concatenate(outs, axis=3)  # [B, K, G, L, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, length, n, h)
+
+
 @flax.struct.dataclass
 class LayerCache:
     """One layer's key/value cache for decoding, plus what every layer shares."""
@@ -157,6 +192,8 @@ class Attention(nnx.Module):
             out_BxLxNxH, new_kv = self._cached(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, window, cache)
         elif rng is not None and cfg.attn_dropout > 0.0:
             out_BxLxNxH = self._explicit(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, window, rng)
+        elif cfg.attention_impl == "blocked":
+            out_BxLxNxH = blocked_causal_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, window)
         else:
             out_BxLxNxH = jax.nn.dot_product_attention(
                 q_BxLxNxH,
@@ -367,7 +404,7 @@ class GPT(nnx.Module):
         if cfg.remat != "none" and cache is None:
             group_fn = jax.checkpoint(group_fn, policy=REMAT_POLICIES[cfg.remat])
         xs = (params_per_sublayer, jnp.arange(cfg.n_layer // period), kv_in)
-        x_BxLxD, kv_out = jax.lax.scan(group_fn, x_BxLxD, xs)
+        x_BxLxD, kv_out = jax.lax.scan(group_fn, x_BxLxD, xs, unroll=not cfg.scan_layers)
         if self.norm_f is not None:
             x_BxLxD = self.norm_f(x_BxLxD)
         if cache is None:
