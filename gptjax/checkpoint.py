@@ -13,7 +13,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -44,7 +43,9 @@ class Checkpointer:
             "state": ocp.StandardCheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
             "tokenizer": ocp.JsonCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler(),
+            # The data position is one JSON record, the same on every process (written
+            # by process 0), so a run resumes on any number of processes.
+            "data": ocp.JsonCheckpointHandler(),
         }
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=handlers
@@ -60,7 +61,7 @@ class Checkpointer:
             tokenizer=ocp.args.JsonSave(tokenizer),
         )
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items["data"] = ocp.args.JsonSave(data_iterator.get_state())
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def read_json(self, step: int) -> tuple[dict, dict]:
@@ -136,7 +137,7 @@ class Checkpointer:
                 tokenizer=ocp.args.JsonRestore(),
             )
             if data_iterator is not None:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+                items["data"] = ocp.args.JsonRestore()
             try:
                 out = self.manager.restore(s, args=ocp.args.Composite(**items))
             except Exception as e:
@@ -148,6 +149,11 @@ class Checkpointer:
                 log.warning(
                     "restored step %d after skipping damaged steps %s", s, [e[0] for e in errors]
                 )
+            if data_iterator is not None:
+                try:
+                    data_iterator.set_state(out["data"])
+                except ValueError as e:
+                    raise CheckpointError(f"checkpoint {self.directory / str(s)}: {e}") from None
             return s, out["state"], out["config"], out["tokenizer"]
         raise CheckpointError(
             f"no readable checkpoint in {self.directory}: "
@@ -168,6 +174,8 @@ class Checkpointer:
                     target = aside / f"{step}.{n}"
                 (self.directory / str(step)).rename(target)
                 log.warning("moved damaged checkpoint step %d to %s", step, target)
+        # Every process reloads only once process 0 has moved the steps.
+        ocp.multihost.sync_global_processes(f"gptjax_set_aside_{'_'.join(map(str, steps))}")
         self.manager.reload()
 
     def wait(self) -> None:

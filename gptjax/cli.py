@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
@@ -26,9 +27,12 @@ def _split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[
 
 def _train(args, overrides) -> int:
     from gptjax import config as config_lib
+    from gptjax import distributed
 
     try:
         cfg = config_lib.load(args.config, overrides)
+        # Before anything touches a JAX backend: one process of several, or alone.
+        distributed.initialize(cfg.distributed)
     except config_lib.ConfigError as e:
         print(f"gptjax: config error: {e}", file=sys.stderr)
         return 2
@@ -40,13 +44,17 @@ def _train(args, overrides) -> int:
         train.train(cfg, args.workdir)
     except (config_lib.ConfigError, DataError, CheckpointError) as e:
         print(f"gptjax: {e}", file=sys.stderr)
-        return 2
+        return distributed.leave(2)  # perhaps this process alone: do not wait for the others
     except train.NonFiniteLoss as e:
         print(f"gptjax: {e}", file=sys.stderr)
         return 3
     except train.Preempted as e:
         print(f"gptjax: {e}", file=sys.stderr)
         return 143
+    except Exception as e:
+        if distributed.is_multiprocess():  # do not wait for the others at exit: they are stuck
+            distributed.exit_now(e)
+        raise
     return 0
 
 
@@ -107,6 +115,143 @@ def _convert(args, _overrides) -> int:
     return 0
 
 
+def _sweep(args, overrides) -> int:
+    import shlex
+
+    from gptjax import config as config_lib
+    from gptjax import sweep as sweep_lib
+    from gptjax.data import DataError
+
+    items = [f"{k[len('sweep_') :]}={v}" for k, v in vars(args).items() if k.startswith("sweep_")]
+    out = args.out or f"runs/sweep_{args.config.rsplit('/', 1)[-1].removesuffix('.py')}"
+    try:
+        sweep = sweep_lib.make(
+            args.config,
+            overrides,
+            [i for i in items if not i.endswith("=None")],
+            args.sizes,
+            out,
+            tokens=args.tokens or "",
+            isoflop=args.isoflop or "",
+        )
+        if args.print_commands:
+            sweep_lib.print_commands(sweep)
+            sweep_lib.write_results(sweep)
+            return 0
+        print(sweep_lib.format_plan(sweep), flush=True)
+        if args.run:
+            from gptjax import train
+
+            try:
+                rows = sweep_lib.run_all(sweep)
+            except train.Preempted as e:
+                print(f"gptjax: {e}; re-run the same sweep command to resume", file=sys.stderr)
+                return 143
+        elif args.collect:
+            rows = sweep_lib.write_results(sweep)
+        else:
+            print(f"{len(sweep.runs)} runs; --run trains them here, --print-commands prints them")
+            return 0
+    except (config_lib.ConfigError, DataError) as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return 2
+    print(sweep_lib.format_table(rows))
+    done = sum(r["status"] == "done" for r in rows)
+    print(f"{done}/{len(rows)} runs finished; results in {shlex.quote(str(sweep.out))}/results.csv")
+    return 0
+
+
+def _scaling_fit(args, _overrides) -> int:
+    from gptjax import scaling
+
+    try:
+        scaling.main(args.results, budget=args.budget, out=args.out, params=args.params,
+                     bootstrap=args.bootstrap, seed=args.seed)  # fmt: skip
+    except scaling.ScalingError as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _plan_cpu_devices(args, cfg) -> int:
+    """Simulated CPU devices the plan compiles on: the mesh's, or --devices, or for a
+    search --max-devices; at most 2048, about the most XLA:CPU accepts (gptjax.plan
+    extrapolates beyond)."""
+    if args.search:
+        n = args.max_devices
+    elif args.devices:
+        n = args.devices
+    elif args.mesh:
+        n = 1
+        for part in args.mesh.split(","):
+            value = part.partition("=")[2].strip()
+            n *= int(value) if value.isdigit() else 1
+    else:
+        n = max(1, cfg.mesh.data) * max(1, cfg.mesh.fsdp) * max(1, cfg.mesh.tensor)
+    return max(1, min(n, 2048))
+
+
+def _plan(args, overrides) -> int:
+    import os
+    import subprocess
+
+    from gptjax import config as config_lib
+
+    try:
+        cfg = config_lib.load(args.config, overrides)
+    except config_lib.ConfigError as e:
+        print(f"gptjax: config error: {e}", file=sys.stderr)
+        return 2
+    # XLA:CPU reads the simulated device count when jax starts its backends: set it
+    # before gptjax.plan imports jax.
+    n = _plan_cpu_devices(args, cfg)
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # SPMD warnings, one per candidate
+    from gptjax import plan as plan_lib
+
+    if len(plan_lib.cpu_devices()) < n:  # jax had started already: plan in a fresh process
+        argv = ["plan", "--config", args.config, "--device", args.device, "--mfu", str(args.mfu)]
+        argv += ["--usable", str(args.usable), "--max-devices", str(args.max_devices)]
+        argv += ["--max-tensor", str(args.max_tensor), *[f"--config.{o}" for o in overrides]]
+        argv += ["--search"] if args.search else []
+        argv += ["--mesh", args.mesh] if args.mesh else []
+        argv += ["--devices", str(args.devices)] if args.devices else []
+        return subprocess.run([sys.executable, "-m", "gptjax", *argv]).returncode
+    try:
+        if cfg.model.vocab_size <= 0:
+            raise plan_lib.PlanError("set model.vocab_size (--config.model.vocab_size=N)")
+        if args.search:
+            print(
+                f"searching for the smallest mesh that fits {args.device} "
+                f"(<= {args.max_devices} devices, tensor <= {args.max_tensor}):",
+                flush=True,
+            )
+            best, _ = plan_lib.search(
+                cfg,
+                device=args.device,
+                mfu=args.mfu,
+                usable=args.usable,
+                max_devices=args.max_devices,
+                max_tensor=args.max_tensor,
+                log=lambda line: print(line, flush=True),
+            )
+            if best is None:
+                print(f"gptjax: nothing up to {args.max_devices} devices fits {args.device}")
+                return 1
+            print(plan_lib.format_plan(best, cfg))
+            return 0
+        mesh = plan_lib.parse_mesh(args.mesh) if args.mesh else cfg.mesh
+        layout = plan_lib.resolve_layout(mesh, args.devices)
+        p = plan_lib.plan(cfg, layout, device=args.device, mfu=args.mfu, usable=args.usable)
+    except plan_lib.PlanError as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return 2
+    print(plan_lib.format_plan(p, cfg))
+    return 0 if p.fits else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +291,49 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, default=4096)
     t.add_argument("--output", required=True, help="path of the .model file to write")
     t.set_defaults(func=_tokenizer_train, takes_overrides=False)
+
+    p = sub.add_parser("sweep", help="scaling-law sweep: generate, run or print, collect")
+    p.add_argument("--config", required=True, help="base config file, e.g. configs/scaling_tiny.py")
+    p.add_argument("--sizes", required=True, help="model widths (d_model), e.g. 32,64,128")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--tokens", help="grid sweep: token counts D, e.g. 500k,2M")
+    g.add_argument("--isoflop", help="isoFLOP sweep: compute budgets C, e.g. 1e11,1e12")
+    p.add_argument("--out", help="sweep directory (default runs/sweep_<config name>)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--run", action="store_true", help="train the runs here, one after another")
+    g.add_argument("--print-commands", action="store_true", help="print `gptjax train` commands")
+    g.add_argument("--collect", action="store_true", help="only collect finished runs' results")
+    from gptjax.sweep import SweepConfig
+
+    for field in dataclasses.fields(SweepConfig):
+        p.add_argument(f"--sweep.{field.name}", dest=f"sweep_{field.name}", metavar="VALUE")
+    p.epilog = "Sweep rule fields: --sweep.aspect_ratio=32; base config fields: --config.x.y=v"
+    p.set_defaults(func=_sweep, takes_overrides=True)
+
+    p = sub.add_parser("scaling", help="scaling-law fits of a sweep's results")
+    ssub = p.add_subparsers(dest="scaling_command", required=True)
+    f = ssub.add_parser("fit", help="fit L(N,D) (Chinchilla approach 3) and isoFLOP minima (2)")
+    f.add_argument("results", help="results.json / results.csv, or the sweep directory")
+    f.add_argument("--budget", type=float, help="compute budget C (FLOPs) to plan for")
+    f.add_argument("--out", help="where fit.json and the PNGs go (default: beside RESULTS)")
+    f.add_argument("--params", choices=("params", "params_total"), default="params",
+                   help="N: non-embedding (params, default) or all parameters")  # fmt: skip
+    f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (0: none)")
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=_scaling_fit, takes_overrides=False)
+
+    p = sub.add_parser("plan", help="per-device memory and step time of a mesh (docs/scaling.md)")
+    p.add_argument("--config", required=True, help="configs/X.py")
+    p.add_argument("--mesh", help="data=D,fsdp=F,tensor=T (axes left out are 1; one may be -1)")
+    p.add_argument("--devices", type=int, help="device count, to resolve a -1 mesh axis")
+    p.add_argument("--device", default="h100", help="h100, h200, a100, v4, v5e, v5p, v6e, ...")
+    p.add_argument("--mfu", type=float, default=0.4, help="MFU the step time assumes")
+    p.add_argument("--usable", type=float, default=0.9, help="fraction of HBM a plan may use")
+    p.add_argument("--search", action="store_true", help="find the smallest mesh that fits")
+    p.add_argument("--max-devices", type=int, default=4096, help="search: most devices")
+    p.add_argument("--max-tensor", type=int, default=8, help="search: largest tensor axis")
+    p.epilog = "Exit status 0: fits; 1: does not fit; 2: error. Overrides: --config.x.y=v"
+    p.set_defaults(func=_plan, takes_overrides=True)
 
     # Listed for --help; `main` hands `gptjax eval ...` to gptjax.eval's own parser.
     p = sub.add_parser(

@@ -139,6 +139,25 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """jax.distributed: one process per host (or per GPU); process 0 coordinates.
+
+    Each unset field falls back to an environment variable (named beside it), then to
+    JAX's auto-detection on Cloud TPU, SLURM and Open MPI (gptjax.distributed).
+    """
+
+    # auto: initialise when an address is given or a TPU/SLURM/MPI cluster is detected.
+    initialize: Literal["auto", "yes", "no"] = "auto"
+    coordinator_address: str = ""  # host:port of process 0; JAX_COORDINATOR_ADDRESS
+    num_processes: int = 0  # 0: unset; JAX_NUM_PROCESSES
+    process_id: int = -1  # -1: unset; JAX_PROCESS_ID
+    local_device_ids: tuple[int, ...] = ()  # devices this process drives; JAX_LOCAL_DEVICE_IDS
+    initialization_timeout: int = 300  # seconds to wait for every process to connect
+    heartbeat_timeout: int = 100  # seconds of silence before a process counts as dead
+    shutdown_timeout: int = 300  # seconds a finished process waits for the others
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -147,6 +166,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
 
 class ConfigError(ValueError):

@@ -6,23 +6,37 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 
-# Dense peak FLOP/s per device for the compute dtype that matters (bf16 on
-# accelerators). A CPU has no meaningful per-device figure: simulated CPU
-# devices share the host's cores, so the CPU entry is per process (host).
-PEAK_FLOPS = {
-    "h100": 989e12,
-    "h200": 989e12,
-    "a100": 312e12,
-    "tpu v4": 275e12,
-    "tpu v5p": 459e12,
-    "tpu v5 lite": 197e12,  # v5e
-    "tpu v5e": 197e12,
-    "tpu v6 lite": 918e12,  # v6e
-    "cpu": 150e9,  # JAX f32 matmul on a small x86 host; set train.peak_flops for yours
+
+class Device(NamedTuple):
+    peak_flops: float  # dense FLOP/s per device in the compute dtype that matters
+    hbm_bytes: int  # device memory; 0 where there is no fixed figure
+
+
+GiB, MiB = 2**30, 2**20
+
+# THE device table: dense bf16 peak FLOP/s (accelerators) and memory per device. Keys
+# are matched as substrings of jax's device_kind ("NVIDIA H100 80GB HBM3", "TPU v5p").
+# GPU memory as nvidia-smi reports it (the 80GB H100 has 81,559 MiB = 79.6 GiB). A CPU
+# has no meaningful per-device figure: simulated CPU devices share the host's cores, so
+# the CPU entry is per process (host).
+DEVICES = {
+    "h100": Device(989e12, 81559 * MiB),  # SXM 80GB
+    "h200": Device(989e12, 143771 * MiB),  # 141GB
+    "a100": Device(312e12, 81920 * MiB),  # 80GB
+    "a100-40gb": Device(312e12, 40960 * MiB),
+    "tpu v4": Device(275e12, 32 * GiB),
+    "tpu v5p": Device(459e12, 95 * GiB),
+    "tpu v5 lite": Device(197e12, 16 * GiB),  # v5e
+    "tpu v5e": Device(197e12, 16 * GiB),
+    "tpu v6 lite": Device(918e12, 32 * GiB),  # v6e
+    "tpu v6e": Device(918e12, 32 * GiB),
+    "cpu": Device(150e9, 0),  # JAX f32 matmul on a small x86 host; set train.peak_flops
 }
+PEAK_FLOPS = {name: d.peak_flops for name, d in DEVICES.items()}
 
 
 def peak_flops_total(override: float = 0.0) -> float:

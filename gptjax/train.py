@@ -26,6 +26,7 @@ from gptjax import config as config_lib
 from gptjax import data, metrics, model, sharding
 from gptjax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings, checkpoint_dir
 from gptjax.config import Config
+from gptjax.distributed import primary_first
 from gptjax.optim import lr_schedule, make_optimizer
 from gptjax.tokenizer import tokenizer_from_record
 
@@ -175,13 +176,29 @@ def _global_batch(local_KxBxL1: np.ndarray, batch_sh) -> jax.Array:
 
 
 class _SigtermFlag:
-    """Turns SIGTERM (preemption) into a flag the loop checks after each step."""
+    """Turns SIGTERM (preemption) into a flag the loop checks after each step.
+
+    With several processes, SIGTERM may reach them at different steps (or reach only
+    some): JAX's preemption service catches it instead and agrees on one step at which
+    every process stops, so they all save the same checkpoint.
+    """
 
     def __init__(self):
         self.raised = False
         self._previous = None
+        self._multi = jax.process_count() > 1
+
+    def reached(self, step: int) -> bool:
+        """Called by every process after every step: stop and save at this step?"""
+        if self._multi:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.raised
 
     def __enter__(self):
+        if self._multi:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: no preemption handling
@@ -210,13 +227,16 @@ def train(cfg: Config, workdir: str | Path) -> dict:
     resuming = bool(ckpt.steps())
 
     # The tokenizer of a resumed run is the one its checkpoint recorded.
-    if resuming:
-        _, record = ckpt.read_json(ckpt.steps()[-1])
-        tokenizer = tokenizer_from_record(record)
-    else:
-        tokenizer = data.get_tokenizer(cfg, workdir)
-    cfg = resolve_vocab(cfg, tokenizer.vocab_size)
-    train_src, val_src = data.load_splits(cfg, tokenizer, workdir)
+    # Process 0 trains the tokenizer and builds the token cache before the others read
+    # them (on a shared filesystem; with local disks each process builds its own copy).
+    with primary_first("gptjax_tokenizer_and_cache"):
+        if resuming:
+            _, record = ckpt.read_json(ckpt.steps()[-1])
+            tokenizer = tokenizer_from_record(record)
+        else:
+            tokenizer = data.get_tokenizer(cfg, workdir)
+        cfg = resolve_vocab(cfg, tokenizer.vocab_size)
+        train_src, val_src = data.load_splits(cfg, tokenizer, workdir)
 
     mesh = sharding.make_mesh(cfg.mesh)
     t = cfg.train
@@ -234,7 +254,7 @@ def train(cfg: Config, workdir: str | Path) -> dict:
         graphdef, abstract, state_sh = state_shardings(cfg, mesh, tx)
         batch_sh = NamedSharding(mesh, P(None, sharding.RULES["batch"], None))
         eval_sh = sharding.batch_sharding(mesh, 2)
-        train_iter = data.train_iterator(train_src, micro_global // n_proc, t.seed)
+        train_iter = data.train_iterator(train_src, micro_global, t.seed)
 
         if resuming:
             start_step, state, _, _ = ckpt.restore(
@@ -256,7 +276,7 @@ def train(cfg: Config, workdir: str | Path) -> dict:
         eval_fn = jax.jit(make_eval_step(graphdef), in_shardings=(state_sh.params, eval_sh))
         val_batches = [
             _global_batch(b, eval_sh)
-            for b in data.eval_batches(val_src, micro_global // n_proc, t.eval_batches)
+            for b in data.eval_batches(val_src, micro_global, t.eval_batches)
         ]
 
         def evaluate(params) -> float:
@@ -336,7 +356,7 @@ def train(cfg: Config, workdir: str | Path) -> dict:
                         progress.update(done, record)
                     if done % cfg.checkpoint.every_steps == 0 or done == t.steps:
                         save(done)
-                    if sigterm.raised:
+                    if sigterm.reached(done):
                         if done % cfg.checkpoint.every_steps and done != t.steps:
                             save(done)
                         ckpt.wait()
@@ -352,19 +372,21 @@ def train(cfg: Config, workdir: str | Path) -> dict:
     summary = {"step": t.steps, "val_loss": val_loss, "params": n_params}
     if primary:
         metrics.plot_loss(workdir)
-        if t.sample_tokens:
-            from gptjax.generate import sample_text
+    # Every process samples: the parameters are sharded over all of them.
+    if t.sample_tokens:
+        from gptjax.generate import sample_text
 
-            text = sample_text(
-                graphdef,
-                state.params,
-                tokenizer,
-                cfg.model,
-                t.sample_prompt,
-                t.sample_tokens,
-                t.seed,
-            )
-            summary["sample"] = text
+        text = sample_text(
+            graphdef,
+            state.params,
+            tokenizer,
+            cfg.model,
+            t.sample_prompt,
+            t.sample_tokens,
+            t.seed,
+        )
+        summary["sample"] = text
+        if primary:
             print(f"--- sample ---\n{t.sample_prompt}{text}\n--------------", flush=True)
     return summary
 

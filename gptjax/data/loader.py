@@ -128,55 +128,88 @@ def load_splits(
     return splits
 
 
-def _check_size(source: TokenWindows, batch_size: int, purpose: str) -> int:
-    """Raise unless every process gets at least one full batch; returns process count."""
+def _process_rows(global_batch: int, purpose: str) -> tuple[int, int]:
+    """(first row, rows) of a global batch that this process reads."""
+    procs = jax.process_count()
+    if global_batch % procs:
+        raise DataError(
+            f"{purpose}: a global batch of {global_batch} sequences does not split over "
+            f"{procs} processes"
+        )
+    rows = global_batch // procs
+    return jax.process_index() * rows, rows
+
+
+def _check_size(source: TokenWindows, batch_size: int, purpose: str) -> None:
+    """Raise unless the split holds at least one full global batch."""
     if batch_size <= 0:
         raise DataError(f"{purpose}: batch size must be positive, got {batch_size}")
-    procs = jax.process_count()
-    if len(source) < batch_size * procs:
+    if len(source) < batch_size:
         raise DataError(
             f"{source.name} split has {len(source)} windows of {source.seq_len + 1} tokens "
-            f"({source.n_tokens} tokens) but {purpose} needs {batch_size} per process x "
-            f"{procs} process(es) = {batch_size * procs}: add data or lower the batch size "
-            f"or model.seq_len, or {'lower' if source.name == 'train' else 'raise'} "
-            "data.val_fraction"
+            f"({source.n_tokens} tokens) but {purpose} needs a global batch of "
+            f"{jax.process_count()} process(es) x {batch_size // jax.process_count()} = "
+            f"{batch_size}: add data or lower the batch size or model.seq_len, or "
+            f"{'lower' if source.name == 'train' else 'raise'} data.val_fraction"
         )
-    return procs
 
 
-def train_iterator(source: TokenWindows, batch_size: int, seed: int):
-    """Endless shuffled batches [batch_size, seq_len + 1] int32 for this process.
+class TrainBatches:
+    """Endless shuffled batches: this process's rows of each global batch.
 
-    batch_size is per process. Each process reads its own contiguous share of the
-    windows (ShardByJaxProcess), shuffled with a per-epoch seed. worker_count=0 keeps
-    it deterministic, so get_state()/set_state() resume exactly.
+    The global stream is one shuffled order of all windows per epoch (grain's
+    index_shuffle, reseeded each epoch); global batch g is stream positions
+    [g * B, (g + 1) * B) and process p reads only its rows, [g * B + p * b, g * B +
+    (p + 1) * b) with b = B / processes. So the global batch, and which device holds
+    which row, do not depend on the number of processes, and the position (windows of
+    the stream consumed, the same on every process) resumes on any process count.
     """
-    _check_size(source, batch_size, "training")
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
-        shuffle=True,
-        num_epochs=None,
-        seed=seed % 2**32,
-    )
-    loader = grain.DataLoader(
-        data_source=source,
-        sampler=sampler,
-        operations=[grain.transforms.Batch(batch_size=batch_size, drop_remainder=True)],
-        worker_count=0,
-    )
-    return iter(loader)
+
+    def __init__(self, source: TokenWindows, global_batch: int, seed: int):
+        _check_size(source, global_batch, "training")
+        self.first_row, self.rows = _process_rows(global_batch, "training")
+        self.global_batch, self.seed, self.source = global_batch, seed % 2**32, source
+        self.position = 0
+        self._stream = grain.MapDataset.source(source).shuffle(seed=self.seed)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        start = self.position + self.first_row
+        batch = np.stack([self._stream[start + j] for j in range(self.rows)])
+        self.position += self.global_batch
+        return batch
+
+    def get_state(self) -> dict:
+        return {"position": self.position, "seed": self.seed, "source": repr(self.source)}
+
+    def set_state(self, state: dict) -> None:
+        """Resume at a saved position; refuses another DataSource or seed, which would
+        silently read other windows."""
+        if state["source"] != repr(self.source):
+            raise ValueError(
+                f"the saved data position is for DataSource {state['source']}, not "
+                f"{self.source!r}: the training data changed since the checkpoint"
+            )
+        if state["seed"] != self.seed:
+            raise ValueError(
+                f"the saved data position is for seed {state['seed']}, not {self.seed}"
+            )
+        self.position = int(state["position"])
 
 
-def eval_batches(source: TokenWindows, batch_size: int, n_batches: int) -> list[np.ndarray]:
-    """The first n_batches (fewer if the split is smaller) of an in-order pass.
+def train_iterator(source: TokenWindows, global_batch: int, seed: int) -> TrainBatches:
+    """Endless shuffled [global_batch / processes, seq_len + 1] int32 batches: this
+    process's rows of each global batch (see TrainBatches); get_state()/set_state()
+    resume exactly, on any number of processes."""
+    return TrainBatches(source, global_batch, seed)
 
-    This process gets the same contiguous share that ShardByJaxProcess would give it.
-    """
-    procs = _check_size(source, batch_size, "evaluation")
-    share = len(source) // procs
-    start = jax.process_index() * share
-    n = min(n_batches, share // batch_size)
-    return [
-        np.stack([source[start + b * batch_size + j] for j in range(batch_size)]) for b in range(n)
-    ]
+
+def eval_batches(source: TokenWindows, global_batch: int, n_batches: int) -> list[np.ndarray]:
+    """This process's rows of the first n_batches global batches (fewer if the split is
+    smaller) of an in-order pass: the same global batches on any number of processes."""
+    _check_size(source, global_batch, "evaluation")
+    first, rows = _process_rows(global_batch, "evaluation")
+    n = min(n_batches, len(source) // global_batch)
+    return [np.stack([source[b * global_batch + first + j] for j in range(rows)]) for b in range(n)]

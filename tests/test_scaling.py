@@ -1,0 +1,249 @@
+"""Scaling-law sweeps and fits: planted parameters are recovered (approaches 3 and 2);
+sweeps follow their shape, LR and FLOP rules; printed commands parse; a half-finished
+sweep resumes (tiny real runs); bad results files fail clearly."""
+
+import contextlib
+import io
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gptjax import cli, scaling, sweep
+from gptjax import config as config_lib
+from gptjax.config import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = str(REPO / "configs" / "quickstart.py")
+# Chinchilla's fitted law (Hoffmann et al. 2022, approach 3)
+PLANTED = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+
+
+def chinchilla(n, d, p=PLANTED):
+    return p["E"] + p["A"] / n ** p["alpha"] + p["B"] / d ** p["beta"]
+
+
+def write_results(path: Path, n, d, loss, budget=None, flops=None) -> Path:
+    rows = [
+        {
+            "name": f"r{i}",
+            "params": float(n[i]),
+            "tokens": float(d[i]),
+            "val_loss": float(loss[i]),
+            "flops": float(flops[i]) if flops is not None else 6.0 * n[i] * d[i],
+            "budget": float(budget[i]) if budget is not None else 0.0,
+            "status": "done",
+        }
+        for i in range(len(n))
+    ]
+    path.write_text(json.dumps({"runs": rows}))
+    return path
+
+
+# ----------------------------------------------------------------------------- fits
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.003])
+def test_approach3_recovers_planted_parameters(tmp_path, noise):
+    n, d = (x.ravel() for x in np.meshgrid(np.geomspace(1e7, 1e10, 7), np.geomspace(1e9, 1e12, 7)))
+    loss = chinchilla(n, d) * np.exp(noise * np.random.default_rng(0).standard_normal(n.shape))
+    points = scaling.read_results(write_results(tmp_path / "r.json", n, d, loss))
+    fit = scaling.fit_approach3(points)
+    tol = {0.0: 0.01, 0.003: 0.06}[noise]
+    assert fit["alpha"] == pytest.approx(PLANTED["alpha"], abs=tol)
+    assert fit["beta"] == pytest.approx(PLANTED["beta"], abs=tol)
+    assert fit["E"] == pytest.approx(PLANTED["E"], rel=tol)
+    pred = scaling.predict(fit, n, d)
+    assert np.max(np.abs(np.log(pred / chinchilla(n, d)))) < 3 * noise + 1e-4
+
+
+def isoflop_points(budgets, per_budget=7, span=0.6):
+    """Runs on isoFLOP profiles centred on each budget's true optimum (C = 6ND)."""
+    p = PLANTED
+    g = (p["alpha"] * p["A"] / (p["beta"] * p["B"])) ** (1 / (p["alpha"] + p["beta"]))
+    a = p["beta"] / (p["alpha"] + p["beta"])
+    n, d, c = [], [], []
+    for budget in budgets:
+        n_opt = g * (budget / 6) ** a
+        for x in np.linspace(-span, span, per_budget):
+            n.append(n_opt * 10**x)
+            d.append(budget / (6 * n[-1]))
+            c.append(budget)
+    n, d, c = map(np.array, (n, d, c))
+    return n, d, c, a
+
+
+def test_approach2_recovers_planted_exponents(tmp_path):
+    n, d, c, a_true = isoflop_points(np.geomspace(1e18, 1e22, 5))
+    points = scaling.read_results(write_results(tmp_path / "r.json", n, d, chinchilla(n, d), c))
+    minima = scaling.isoflop_minima(points)
+    assert len(minima) == 5 and all(m["convex"] and m["inside"] for m in minima)
+    fit2 = scaling.fit_approach2(points)
+    assert fit2["a"] == pytest.approx(a_true, abs=0.02)
+    assert fit2["b"] == pytest.approx(1 - a_true, abs=0.02)
+    # and approach 3 on the same runs finds the same compute-optimal N
+    fit3 = scaling.fit_approach3(points)
+    opt = scaling.optimum3(fit3, 1e20, scaling.cost_model(points))
+    assert opt["N"] == pytest.approx(fit2["n0"] * 1e20 ** fit2["a"], rel=0.15)
+    assert opt["N"] * opt["D"] * 6 == pytest.approx(1e20, rel=1e-6)
+
+
+def test_fit_command_prints_uncertainty_and_draws(tmp_path, capsys):
+    n, d, c, _ = isoflop_points([1e18, 1e19, 1e20], per_budget=5)
+    loss = chinchilla(n, d) * np.exp(0.002 * np.random.default_rng(1).standard_normal(n.shape))
+    results = write_results(tmp_path / "results.json", n, d, loss, c)
+    argv = ["scaling", "fit", str(results), "--budget", "1e21", "--bootstrap", "8"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "alpha" in out and "±" in out and "compute-optimal at C = 1e+21" in out
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert fit["bootstrap"]["alpha"]["samples"] >= 6
+    assert fit["budget"]["approach3"]["N"] > 0 and fit["approach2"]["a"] > 0
+    for png in ("scaling_fit.png", "scaling_isoflop.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_results_files_fail_clearly(tmp_path, capsys):
+    with pytest.raises(scaling.ScalingError, match="not found"):
+        scaling.read_results(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(scaling.ScalingError, match="not valid JSON"):
+        scaling.read_results(bad)
+    bad.write_text(json.dumps({"runs": [{"name": "x", "tokens": 1, "val_loss": 3.0}]}))
+    with pytest.raises(scaling.ScalingError, match="lack column.*params"):
+        scaling.read_results(bad)
+    n = np.array([1e6, 2e6, 4e6])
+    with pytest.raises(scaling.ScalingError, match="at least 5"):
+        scaling.read_results(write_results(bad, n, n, [3.0, 2.9, 2.8]))
+    csv_ = tmp_path / "r.csv"
+    csv_.write_text("name,params,tokens,val_loss\na,1e6,abc,3.0\n")
+    with pytest.raises(scaling.ScalingError, match="non-numeric"):
+        scaling.read_results(csv_)
+    assert cli.main(["scaling", "fit", str(bad), "--bootstrap", "0"]) == 2
+    assert "at least 5" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- sweep plans
+
+RULE = sweep.SweepConfig(
+    aspect_ratio=32.0,
+    head_dim=16,
+    lr_rule="inverse_width",
+    base_lr=4e-3,
+    base_width=64,
+    min_steps=1,
+)
+BASE = ["model.vocab_size=512", "train.batch_size=8", "model.seq_len=64"]
+
+
+def test_grid_sweep_follows_shape_and_lr_rules(tmp_path):
+    s = sweep.plan(QUICKSTART, BASE, RULE, [32, 64, 96, 128], tmp_path, tokens=[1e5, 4e5])
+    assert len(s.runs) == 8
+    for run in s.runs:
+        cfg = s.config(run)  # the overrides load and validate
+        m = cfg.model
+        assert (m.d_model, m.n_layer, m.n_head) == (run.d_model, run.n_layer, run.n_head)
+        assert m.n_layer == max(1, round(m.d_model / 32)) and m.head_dim == 16
+        assert cfg.optim.lr == pytest.approx(4e-3 * 64 / m.d_model, rel=1e-5)
+        assert run.tokens == cfg.train.steps * 8 * 64
+        assert run.flops == pytest.approx(6 * run.params * run.tokens)
+    sqrt = sweep.sweep_overrides(RULE, ["lr_rule=inverse_sqrt_width"])
+    (run,) = sweep.plan(QUICKSTART, BASE, sqrt, [256], tmp_path, tokens=[1e5]).runs
+    assert run.lr == pytest.approx(4e-3 * (64 / 256) ** 0.5, rel=1e-5)
+    with pytest.raises(ConfigError, match="multiple of head_dim"):
+        sweep.plan(QUICKSTART, BASE, RULE, [40], tmp_path, tokens=[1e5])
+    with pytest.raises(ConfigError, match="unknown sweep key"):
+        sweep.sweep_overrides(RULE, ["aspect=3"])
+
+
+@pytest.mark.parametrize("flops_rule", ["6N", "model"])
+def test_isoflop_runs_spend_the_budget(tmp_path, flops_rule):
+    rule = sweep.sweep_overrides(RULE, [f"flops_rule={flops_rule}", "max_tokens_per_param=1000"])
+    budgets = [1e12, 1e13]
+    s = sweep.plan(QUICKSTART, BASE, rule, [32, 64, 128, 256], tmp_path, budgets=budgets)
+    step_tokens = 8 * 64
+    for c in budgets:
+        runs = [r for r in s.runs if r.budget == c]
+        assert len({r.d_model for r in runs}) >= 3
+        for r in runs:
+            if flops_rule == "6N":
+                assert abs(6 * r.params * r.tokens - c) <= 6 * r.params * step_tokens / 2
+            assert r.flops == pytest.approx(c, rel=step_tokens / r.tokens)
+            assert r.tokens / r.params <= 1000
+    assert any(r.tokens / r.params > 1000 for r in sweep.plan(
+        QUICKSTART, BASE, RULE, [32], tmp_path, budgets=[1e13]).runs)  # fmt: skip
+
+
+def test_printed_commands_are_valid_for_the_cli(tmp_path, sp_model):
+    argv = [
+        "sweep", "--config", QUICKSTART, "--sizes", "32,64", "--tokens", "1e5,2e5",
+        "--out", str(tmp_path / "sw"), "--print-commands", "--sweep.head_dim=16",
+        f"--config.tokenizer.path={sp_model}", "--config.train.batch_size=8",
+    ]  # fmt: skip
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli.main(argv) == 0
+    lines = buf.getvalue().strip().splitlines()
+    assert len(lines) == 4
+    parser = cli.build_parser()
+    for line in lines:
+        words = shlex.split(line)
+        assert words[:2] == ["gptjax", "train"]
+        args, extra = parser.parse_known_args(words[1:])
+        overrides = cli._split_overrides(extra, parser)
+        cfg = config_lib.load(args.config, overrides)  # unknown keys would raise here
+        assert cfg.tokenizer.path == str(sp_model) and cfg.model.head_dim == 16
+        assert Path(args.workdir).parent == tmp_path / "sw" / "runs"
+    with pytest.raises(ConfigError, match="unknown config key"):
+        config_lib.load(QUICKSTART, [*overrides, "model.not_a_field=1"])
+    results = json.loads((tmp_path / "sw" / "results.json").read_text())
+    assert [r["status"] for r in results["runs"]] == ["pending"] * 4
+
+
+def test_sweep_resumes_and_skips_finished_runs(tmp_path, corpus, sp_model, token_cache, capsys):
+    """Two tiny real runs: one finished, one interrupted at its checkpoint; re-running
+    the sweep skips the first and resumes the second."""
+    import dataclasses
+
+    from gptjax import train
+
+    base = [
+        f"data.sources={corpus}", f"tokenizer.path={sp_model}", f"data.cache_dir={token_cache}",
+        "model.seq_len=32", "train.batch_size=8", "train.eval_batches=2", "train.log_every=5",
+        "train.sample_tokens=0", "optim.warmup_steps=2", "checkpoint.every_steps=5",
+        "checkpoint.async_save=false",
+    ]  # fmt: skip
+    rule = sweep.sweep_overrides(RULE, ["min_steps=1"])
+    s = sweep.plan(QUICKSTART, base, rule, [16, 32], tmp_path, tokens=[10 * 8 * 32], vocab_size=512)
+    first, second = s.runs
+    assert first.steps == second.steps == 10
+    # interrupt the second run: 5 of its 10 steps, checkpointed at step 5
+    cfg = s.config(second)
+    half = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=5))
+    train.train(half, s.workdir(second))
+    assert sweep.result_of(s, second) is None
+
+    rows = sweep.run_all(s)
+    out = capsys.readouterr().out
+    assert [r["status"] for r in rows] == ["done", "done"]
+    assert "steps 5->10" in out  # resumed, not restarted
+    final = s.workdir(first) / "metrics.jsonl"
+    stamp = final.stat().st_mtime_ns
+
+    rows_again = sweep.run_all(s)
+    out = capsys.readouterr().out
+    assert out.count("finished, skipped") == 2
+    assert final.stat().st_mtime_ns == stamp
+    assert [r["val_loss"] for r in rows_again] == [r["val_loss"] for r in rows]
+    csv_rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("name,n_layer,d_model") and len(csv_rows) == 3
+    # a different sweep in the same directory is refused, not mixed in
+    other = sweep.plan(
+        QUICKSTART, [*base, "optim.lr=1e-4"], sweep.sweep_overrides(rule, ["lr_rule=constant"]),
+        [16], tmp_path, tokens=[10 * 8 * 32], vocab_size=512,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="other settings"):
+        sweep.run_all(other)
