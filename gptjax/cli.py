@@ -252,6 +252,54 @@ def _plan(args, overrides) -> int:
     return 0 if p.fits else 1
 
 
+def _finetune(args, overrides) -> int:
+    from gptjax.config import ConfigError
+
+    try:
+        from gptjax import finetune as ft
+
+        if args.init_from:
+            overrides = [*overrides, f"finetune.init_from={args.init_from}"]
+        cfg = ft.load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"gptjax: config error: {e}", file=sys.stderr)
+        return 2
+    from gptjax.checkpoint import CheckpointError
+    from gptjax.finetune_data import FinetuneDataError
+    from gptjax.tokenizer import TokenizerError
+    from gptjax.train import NonFiniteLoss, Preempted
+
+    try:
+        results = ft.finetune(cfg, args.workdir)
+    except (ConfigError, CheckpointError, FinetuneDataError, TokenizerError) as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return 3
+    except Preempted as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return 143
+    dev = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k.startswith("dev_"))
+    print(f"best epoch {results['best_epoch']}: {dev}; wrote {args.workdir}/results.json")
+    return 0
+
+
+def _predict(args, _overrides) -> int:
+    from gptjax.checkpoint import CheckpointError
+    from gptjax.config import ConfigError
+    from gptjax.finetune import predict
+    from gptjax.finetune_data import FinetuneDataError
+
+    try:
+        summary = predict(args.checkpoint, args.task, args.output, args.batch_size)
+    except (ConfigError, CheckpointError, FinetuneDataError) as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return 2
+    print(" ".join(f"{k}={v}" for k, v in summary.items()), f"-> {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -334,6 +382,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tensor", type=int, default=8, help="search: largest tensor axis")
     p.epilog = "Exit status 0: fits; 1: does not fit; 2: error. Overrides: --config.x.y=v"
     p.set_defaults(func=_plan, takes_overrides=True)
+
+    p = sub.add_parser("finetune", help="GPT-1 discriminative fine-tuning (docs/finetune.md)")
+    p.add_argument("--config", required=True, help="configs/finetune/X.py")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics, results.json")
+    p.add_argument("--init-from", default="", help="pretraining workdir or converted checkpoint")
+    p.epilog = "Any config field can be overridden: --config.finetune.lm_coef=0"
+    p.set_defaults(func=_finetune, takes_overrides=True)
+
+    p = sub.add_parser("predict", help="predictions of a fine-tuned checkpoint")
+    p.add_argument("--checkpoint", required=True, help="finetune workdir (its best epoch)")
+    p.add_argument("--task", required=True, help="NAME=PATH, e.g. sst2=dev.tsv")
+    p.add_argument("--output", required=True, help="JSON lines, one per example")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=_predict, takes_overrides=False)
 
     # Listed for --help; `main` hands `gptjax eval ...` to gptjax.eval's own parser.
     p = sub.add_parser(

@@ -231,7 +231,7 @@ def _field_types(cls) -> dict:
 def override(cfg: Config, key: str, text: str) -> Config:
     """Return cfg with the dotted `key` set from its command-line string."""
     section, _, field = key.partition(".")
-    sections = _field_types(Config)
+    sections = _field_types(type(cfg))
     if section not in sections or not field:
         raise ConfigError(f"unknown config key {key!r}: sections are {', '.join(sections)}")
     sub = getattr(cfg, section)
@@ -246,10 +246,11 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(d: dict) -> Config:
-    """Rebuild a Config from to_dict's output, checking every key and type."""
+def from_dict(d: dict, root: type = Config):
+    """Rebuild a Config (or another root of sections, e.g. the fine-tuning config)
+    from to_dict's output, checking every key and type."""
     sections = {}
-    for name, cls in _field_types(Config).items():
+    for name, cls in _field_types(root).items():
         given = dict(d.get(name, {}))
         types_ = _field_types(cls)
         unknown = set(given) - set(types_)
@@ -261,7 +262,7 @@ def from_dict(d: dict) -> Config:
     unknown = set(d) - set(sections)
     if unknown:
         raise ConfigError(f"unknown config sections: {sorted(unknown)}")
-    return Config(**sections)
+    return root(**sections)
 
 
 def validate(cfg: Config) -> Config:
@@ -301,8 +302,9 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
-    """Load configs/X.py's get_config() and apply `a.b=value` overrides."""
+def load(path: str | Path, overrides: typing.Sequence[str] = (), root: type = Config):
+    """Load configs/X.py's get_config() and apply `a.b=value` overrides. With another
+    `root` (a dataclass of sections), only its types are checked: its owner validates."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -315,14 +317,16 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
     if not isinstance(getattr(module, "get_config", None), types.FunctionType):
         raise ConfigError(f"{path} defines no get_config() function")
     cfg = module.get_config()
-    if not isinstance(cfg, Config):
-        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not Config")
+    if not isinstance(cfg, root):
+        raise ConfigError(
+            f"{path}: get_config() returned {type(cfg).__name__}, not {root.__name__}"
+        )
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} is not of the form section.field=value")
         cfg = override(cfg, key, text)
-    return validate(cfg)
+    return validate(cfg) if root is Config else from_dict(to_dict(cfg), root)
 
 
 def dumps(cfg: Config) -> str:

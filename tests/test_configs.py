@@ -21,7 +21,13 @@ from gptjax.config import Config, ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "configs"
-CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.py") if not p.name.startswith("_"))
+# configs/finetune/ holds fine-tuning configs (a FinetuneConfig tree), tested with their
+# pretraining config in test_finetune.py.
+CONFIGS = sorted(
+    p
+    for p in CONFIG_DIR.rglob("*.py")
+    if not p.name.startswith("_") and p.parent != CONFIG_DIR / "finetune"
+)
 CONFIG_IDS = [str(p.relative_to(CONFIG_DIR)) for p in CONFIGS]
 QUICKSTART = CONFIG_DIR / "quickstart.py"
 

@@ -1,0 +1,673 @@
+"""GPT-1 discriminative fine-tuning (Radford et al. 2018, section 3.2).
+
+The pretrained GPT gains three token embeddings ([start], [delim], [extract], drawn
+N(0, init_std) like the others) and a linear head W_y on the final hidden state at
+[extract], with dropout before it. The objective is L3 = L2 + lm_coef * L1: L2 the task
+loss (cross-entropy; squared error for a regression such as STS-B), L1 the language-
+modelling loss on the same inputs. The task input transformations, file formats and
+metrics are in gptjax/finetune_data.py.
+
+Pretraining's machinery is reused: the mesh and rules table (sharding.py), the Optax
+chain (optim.py; linear warmup over finetune.warmup_fraction of the steps, linear decay
+to 0), TrainState, Orbax checkpoints with the data position (checkpoint.py), metrics.jsonl
++ TensorBoard (metrics.py). The dev set is evaluated after every epoch; the best epoch's
+parameters are kept in WORKDIR/best and its dev metrics go to WORKDIR/results.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gptjax import config as config_lib
+from gptjax import metrics, model, sharding
+from gptjax.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    abstract_with_shardings,
+    checkpoint_dir,
+    load_params,
+    resolve,
+)
+from gptjax.config import (
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
+from gptjax.finetune_data import (
+    N_SPECIALS,
+    TASKS,
+    Encoded,
+    ExampleBatches,
+    ExampleSource,
+    FinetuneDataError,
+    Specials,
+    TaskName,
+    TaskSpec,
+    batch_at,
+    encode,
+    majority,
+    predictions,
+    score,
+    trim,
+)
+from gptjax.model import _dropout
+from gptjax.optim import lr_schedule, make_optimizer
+from gptjax.tokenizer import load_tokenizer, tokenizer_from_record
+from gptjax.train import NonFiniteLoss, Preempted, TrainState, _SigtermFlag
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    name: TaskName = "sst2"
+    train: str = ""  # training file (formats: gptjax/finetune_data.py)
+    dev: str = ""  # evaluated after every epoch; picks the best epoch
+    n_ctx: int = 0  # tokens per sequence, 0: model.seq_len; longer inputs are truncated
+    max_train: int = 0  # use only the first N training examples (0: all)
+    max_dev: int = 0  # use only the first N dev examples (0: all)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSection:
+    init: Literal["pretrained", "random"] = "pretrained"  # random: the no-pretraining ablation
+    # A pretraining workdir (its latest step) or a converted checkpoint; `--init-from`.
+    # With init=random it still gives the architecture and tokenizer when set.
+    init_from: str = ""
+    epochs: int = 3
+    batch_size: int = 32
+    lm_coef: float = 0.5  # lambda of L3 = L2 + lambda * L1; 0 turns the auxiliary LM loss off
+    clf_dropout: float = 0.1  # dropout on the [extract] hidden state, before W_y
+    warmup_fraction: float = 0.002  # linear warmup over 0.2% of the steps
+    seed: int = 0
+    log_every: int = 10
+    length_bucket: int = 32  # batches are cut to a multiple of this many tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """The fine-tuning config tree; configs/finetune/*.py override it. The paper's
+    defaults: lr 6.25e-5, batch 32, 3 epochs, dropout 0.1, weight decay 0.01."""
+
+    task: TaskConfig = TaskConfig()
+    finetune: FinetuneSection = FinetuneSection()
+    # The architecture comes from the init checkpoint: fields set here (to non-default
+    # values) must agree with it, except the runtime ones (RUNTIME_FIELDS). Without an
+    # init checkpoint (init=random) this is the model, and `tokenizer` its tokenizer.
+    model: ModelConfig = ModelConfig(dropout=0.1, attn_dropout=0.1)
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    # warmup_steps and decay_steps are derived from finetune.warmup_fraction and epochs.
+    optim: OptimConfig = OptimConfig(
+        lr=6.25e-5, schedule="linear", warmup_steps=0, min_lr_ratio=0.0, b2=0.999,
+        weight_decay=0.01, clip_norm=1.0,
+    )  # fmt: skip
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig(every_steps=500, keep=2)
+
+
+RUNTIME_FIELDS = ("dropout", "attn_dropout", "compute_dtype", "remat", "attention_impl")
+
+
+def validate(cfg: FinetuneConfig) -> FinetuneConfig:
+    cfg = config_lib.from_dict(config_lib.to_dict(cfg), FinetuneConfig)
+    f, t = cfg.finetune, cfg.task
+    for name in ("epochs", "batch_size", "log_every", "length_bucket"):
+        if getattr(f, name) <= 0:
+            raise ConfigError(f"finetune.{name} must be positive")
+    if f.lm_coef < 0 or not 0 <= f.clf_dropout < 1 or not 0 <= f.warmup_fraction < 1:
+        raise ConfigError("need finetune.lm_coef >= 0, clf_dropout and warmup_fraction in [0, 1)")
+    if cfg.optim.warmup_steps or cfg.optim.decay_steps:
+        raise ConfigError(
+            "optim.warmup_steps/decay_steps are derived here: set finetune.warmup_fraction "
+            "and finetune.epochs instead"
+        )
+    if min(t.n_ctx, t.max_train, t.max_dev) < 0:
+        raise ConfigError("task.n_ctx, max_train and max_dev must be >= 0")
+    if cfg.checkpoint.every_steps <= 0 or cfg.checkpoint.keep <= 0:
+        raise ConfigError("checkpoint.every_steps and checkpoint.keep must be positive")
+    return cfg
+
+
+def load_config(path, overrides=()) -> FinetuneConfig:
+    """configs/finetune/X.py's get_config() with `section.field=value` overrides."""
+    return validate(config_lib.load(path, overrides, root=FinetuneConfig))
+
+
+def optimizer_config(cfg: FinetuneConfig, total_steps: int) -> Config:
+    """The config optim.py reads: warmup over warmup_fraction of the steps, then the
+    schedule (linear to lr * min_lr_ratio = 0) over the rest."""
+    warmup = round(cfg.finetune.warmup_fraction * total_steps)
+    if cfg.finetune.warmup_fraction > 0:
+        warmup = max(warmup, 1)
+    optim = dataclasses.replace(cfg.optim, warmup_steps=warmup, decay_steps=total_steps)
+    return Config(optim=optim, train=TrainConfig(steps=total_steps))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def check_architecture(given: ModelConfig, stored: ModelConfig, where: str) -> None:
+    """Fail when the config sets an architecture field the init checkpoint contradicts."""
+    default = ModelConfig()
+    diffs = [
+        f"model.{f.name}: checkpoint {getattr(stored, f.name)!r} vs config "
+        f"{getattr(given, f.name)!r}"
+        for f in dataclasses.fields(ModelConfig)
+        if f.name not in RUNTIME_FIELDS
+        and getattr(given, f.name) != getattr(default, f.name)
+        and getattr(given, f.name) != getattr(stored, f.name)
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"init checkpoint {where} has another architecture than the config: " + "; ".join(diffs)
+        )
+
+
+def with_specials(base: ModelConfig, runtime: ModelConfig) -> ModelConfig:
+    """The fine-tuning model: the pretrained one with N_SPECIALS more token ids (padded
+    to vocab_multiple, so sharding still divides) and the config's runtime settings."""
+    return dataclasses.replace(
+        base,
+        vocab_size=base.vocab_size + N_SPECIALS,
+        **{name: getattr(runtime, name) for name in RUNTIME_FIELDS},
+    )
+
+
+def extend_vocab(params: dict, base: ModelConfig, key) -> dict:
+    """Pretrained parameters with rows for the special tokens at ids [V, V + 3) drawn
+    N(0, init_std) like the others; the table grows (zero rows, masked out of the
+    logits) when its padding has no room. Every pretrained value is kept bit for bit."""
+    new = with_specials(base, base)
+    grow, v = new.padded_vocab - base.padded_vocab, base.vocab_size
+
+    def add_rows(table_VxD, key):
+        rows = base.init_std * jax.random.normal(key, (N_SPECIALS, base.d_model), table_VxD.dtype)
+        return jnp.pad(table_VxD, ((0, grow), (0, 0))).at[v : v + N_SPECIALS].set(rows)
+
+    key_wte, key_head = jax.random.split(key)
+    out = dict(params, wte=add_rows(params["wte"], key_wte))
+    if not base.tie_embeddings:
+        out["lm_head"] = add_rows(params["lm_head"].T, key_head).T
+    return out
+
+
+HEAD_AXES = {"w_y": ("embed", None), "b_y": (None,)}
+
+
+def init_head(key, cfg: ModelConfig, n_outputs: int) -> dict:
+    """W_y [D, C] ~ N(0, init_std) and a zero bias, in float32."""
+    w = cfg.init_std * jax.random.normal(key, (cfg.d_model, n_outputs), jnp.float32)
+    return {"w_y": w, "b_y": jnp.zeros((n_outputs,), jnp.float32)}
+
+
+def forward(graphdef, params, tokens_BxKxL, extract_BxK, spec: TaskSpec, *, clf_dropout=0.0,
+            rng=None, with_lm=False):  # fmt: skip
+    """Task outputs and (with_lm) the LM logits [B*K, L, V] of the same pass.
+
+    Outputs: class scores [B, C]; answer scores [B, K] (multiple choice, to be softmaxed
+    over the answers); or a score [B] (regression). Similarity adds the [extract] states
+    of its two orderings element-wise before the head."""
+    b, k, length = tokens_BxKxL.shape
+    gpt = nnx.merge(graphdef, params["model"])
+    rng_body, rng_clf = (None, None) if rng is None else jax.random.split(rng)
+    h_NxLxD = gpt.hidden(tokens_BxKxL.reshape(b * k, length), rng=rng_body)
+    h_NxD = h_NxLxD[jnp.arange(b * k), extract_BxK.reshape(b * k)]
+    h_BxKxD = h_NxD.reshape(b, k, -1).astype(jnp.float32)
+    if spec.kind == "similarity":
+        h_BxKxD = h_BxKxD.sum(axis=1, keepdims=True)
+    h_BxKxD = _dropout(h_BxKxD, clf_dropout, rng_clf)
+    out_BxKxC = jnp.einsum("bkd,dc->bkc", h_BxKxD, params["head"]["w_y"]) + params["head"]["b_y"]
+    if spec.kind == "multiple_choice":
+        out = out_BxKxC[..., 0]
+    elif spec.regression:
+        out = out_BxKxC[:, 0, 0]
+    else:
+        out = out_BxKxC[:, 0]
+    return out, gpt.logits(h_NxLxD) if with_lm else None
+
+
+def finetune_loss(graphdef, params, batch, spec: TaskSpec, *, lm_coef: float,
+                  clf_dropout: float = 0.0, rng=None):  # fmt: skip
+    """(L3, (L2, L1)). L1 is the next-token loss over each sequence up to its [extract]
+    token (padding excluded); with lm_coef == 0 the LM logits are never computed."""
+    out, lm_logits = forward(
+        graphdef, params, batch["tokens"], batch["extract"], spec,
+        clf_dropout=clf_dropout, rng=rng, with_lm=lm_coef > 0,
+    )  # fmt: skip
+    label = batch["label"]
+    if spec.regression:
+        clf = jnp.mean((out - label / spec.score_scale) ** 2)
+    else:
+        clf = optax.softmax_cross_entropy_with_integer_labels(out, label.astype(jnp.int32)).mean()
+    if lm_logits is None:
+        return clf, (clf, jnp.zeros((), jnp.float32))
+    length = batch["tokens"].shape[-1]
+    tokens_NxL = batch["tokens"].reshape(-1, length)
+    losses_NxL1 = optax.softmax_cross_entropy_with_integer_labels(
+        lm_logits[:, :-1].astype(jnp.float32), tokens_NxL[:, 1:]
+    )
+    mask_NxL1 = jnp.arange(length - 1)[None, :] < batch["extract"].reshape(-1, 1)
+    lm = (losses_NxL1 * mask_NxL1).sum() / jnp.maximum(mask_NxL1.sum(), 1)
+    return clf + lm_coef * lm, (clf, lm)
+
+
+def make_finetune_step(cfg: FinetuneConfig, model_cfg: ModelConfig, spec, graphdef, tx, schedule):
+    f = cfg.finetune
+    use_dropout = model_cfg.dropout > 0 or model_cfg.attn_dropout > 0 or f.clf_dropout > 0
+
+    def finetune_step(state: TrainState, batch):
+        rng = None
+        if use_dropout:
+            rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+        def loss_fn(params):
+            return finetune_loss(
+                graphdef, params, batch, spec, lm_coef=f.lm_coef, clf_dropout=f.clf_dropout,
+                rng=rng,
+            )  # fmt: skip
+
+        (loss, (clf, lm)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+        )
+        return new_state, {
+            "loss": loss, "clf_loss": clf, "lm_loss": lm,
+            "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
+        }  # fmt: skip
+
+    return finetune_step
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def _fresh_state(model_cfg, spec, tx, key_data, base_params=None, base_cfg=None) -> TrainState:
+    key_model, key_head, key_dropout = jax.random.split(jax.random.wrap_key_data(key_data), 3)
+    if base_params is None:
+        params_model = model.init_params(model_cfg, key_model)
+    else:
+        params_model = extend_vocab(base_params, base_cfg, key_model)
+    params = {"model": params_model, "head": init_head(key_head, model_cfg, spec.n_outputs)}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(key_dropout),
+    )
+
+
+def state_shardings(model_cfg: ModelConfig, spec: TaskSpec, mesh, tx):
+    """(graphdef, abstract TrainState, its shardings): the model's from the rules table,
+    W_y's from HEAD_AXES, the optimizer state's from its parameters'."""
+    graphdef, abstract_model = model.abstract_model(model_cfg)
+    key_data = jax.random.key_data(jax.random.key(0))
+    abstract = jax.eval_shape(lambda k: _fresh_state(model_cfg, spec, tx, k), key_data)
+    head_sh = {
+        name: NamedSharding(mesh, sharding.logical_to_spec(HEAD_AXES[name], x.shape, mesh))
+        for name, x in abstract.params["head"].items()
+    }
+    param_sh = {"model": sharding.param_shardings(abstract_model, mesh), "head": head_sh}
+    replicated = NamedSharding(mesh, P())
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, abstract.opt_state, param_sh, transform_non_params=lambda _: replicated
+    )
+    shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
+    return graphdef, abstract, shardings
+
+
+def _read_json(step_dir: Path, item: str) -> dict:
+    import orbax.checkpoint as ocp
+
+    if not (step_dir / item).exists():
+        return {}
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / item)
+
+
+def _init_source(cfg: FinetuneConfig):
+    """(tokenizer, pretrained ModelConfig or None): from the init checkpoint, else from
+    the config (a random init needs model and tokenizer there)."""
+    f = cfg.finetune
+    if not f.init_from:
+        if f.init == "pretrained":
+            raise ConfigError(
+                "give --init-from CKPT_DIR (a pretraining workdir or converted checkpoint), "
+                "or --config.finetune.init=random for the no-pretraining ablation"
+            )
+        if not cfg.tokenizer.path:
+            raise ConfigError("a random init without --init-from needs tokenizer.path")
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        m = cfg.model
+        base = dataclasses.replace(m, vocab_size=m.vocab_size or tokenizer.vocab_size)
+        return tokenizer, base
+    directory, step = resolve(f.init_from)
+    stored = _read_json(directory / str(step), "config")
+    try:
+        base = config_lib.from_dict(stored).model
+    except ConfigError as e:
+        raise CheckpointError(
+            f"{f.init_from} is not a pretraining or converted gptjax checkpoint ({e})"
+        ) from None
+    check_architecture(cfg.model, base, f.init_from)
+    record = _read_json(directory / str(step), "tokenizer")
+    if record:
+        tokenizer = tokenizer_from_record(record)
+    elif cfg.tokenizer.path:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    else:
+        raise CheckpointError(f"{f.init_from} holds no tokenizer: set tokenizer.path")
+    if tokenizer.vocab_size > base.vocab_size:
+        raise CheckpointError(
+            f"tokenizer has {tokenizer.vocab_size} ids but the model {base.vocab_size}"
+        )
+    return tokenizer, base
+
+
+def _initial_state(cfg: FinetuneConfig, model_cfg, base_cfg, spec, tx, state_sh, mesh):
+    key_data = jax.random.key_data(jax.random.key(cfg.finetune.seed))
+    if cfg.finetune.init == "random":
+        fn = lambda k: _fresh_state(model_cfg, spec, tx, k)  # noqa: E731
+        return jax.jit(fn, out_shardings=state_sh)(key_data)
+    _, base_abstract = model.abstract_model(base_cfg)
+    target = abstract_with_shardings(
+        nnx.to_pure_dict(base_abstract), sharding.param_shardings(base_abstract, mesh)
+    )
+    try:
+        _, base_params, _ = load_params(cfg.finetune.init_from, target)
+    except Exception as e:  # stored shapes disagree with the stored config, a damaged file
+        raise CheckpointError(
+            f"cannot read {cfg.finetune.init_from} as the model its config describes: {e}"
+        ) from e
+    fn = lambda p, k: _fresh_state(model_cfg, spec, tx, k, p, base_cfg)  # noqa: E731
+    return jax.jit(fn, out_shardings=state_sh)(base_params, key_data)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _load_split(cfg, spec, which: str, tokenizer, sp, n_ctx, labelled=True) -> Encoded:
+    path, limit = getattr(cfg.task, which), getattr(cfg.task, f"max_{which}")
+    if not path:
+        raise ConfigError(f"task.{which} is empty: give the {which} file")
+    examples = spec.read(path, labelled)
+    return encode(spec, examples[:limit] if limit else examples, tokenizer, sp, n_ctx, which)
+
+
+def _outputs(fn, params, source: ExampleSource, batch_size: int, bucket: int, put) -> np.ndarray:
+    """fn(params, batch) over the whole source in order (the last batch padded)."""
+    outs = []
+    for start in range(0, len(source), batch_size):
+        idx = list(range(start, min(start + batch_size, len(source))))
+        n = len(idx)
+        batch = trim(batch_at(source, idx + [idx[-1]] * (batch_size - n)), bucket)
+        outs.append(np.asarray(jax.device_get(fn(params, put(batch))))[:n])
+    return np.concatenate(outs)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dict:
+    """Fine-tune (or resume) in workdir; returns the results also written to
+    WORKDIR/results.json. stop_after: checkpoint and raise Preempted after that step
+    (as SIGTERM does), e.g. to time-box a run."""
+    cfg, workdir = validate(cfg), Path(workdir)
+    spec, f = TASKS[cfg.task.name], cfg.finetune
+    workdir.mkdir(parents=True, exist_ok=True)
+    primary = jax.process_index() == 0
+    ckpt = Checkpointer(checkpoint_dir(workdir), cfg.checkpoint)
+    resuming = bool(ckpt.steps())
+    base_cfg = None
+    if resuming:  # the run's own model (vocabulary included) and tokenizer
+        stored, record = ckpt.read_json(ckpt.steps()[-1])
+        model_cfg = config_lib.from_dict(stored, FinetuneConfig).model
+        tokenizer = tokenizer_from_record(record)
+    else:
+        tokenizer, base_cfg = _init_source(cfg)
+        model_cfg = with_specials(base_cfg, cfg.model)
+    run_cfg = dataclasses.replace(cfg, model=model_cfg)
+    n_ctx = cfg.task.n_ctx or model_cfg.seq_len
+    if n_ctx > model_cfg.seq_len:
+        raise ConfigError(f"task.n_ctx={n_ctx} exceeds the model's seq_len={model_cfg.seq_len}")
+    sp = Specials.for_vocab(model_cfg.vocab_size)
+    train_data = _load_split(cfg, spec, "train", tokenizer, sp, n_ctx)
+    dev_data = _load_split(cfg, spec, "dev", tokenizer, sp, n_ctx)
+
+    mesh = sharding.make_mesh(cfg.mesh)
+    n_proc, shards = jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"]
+    if f.batch_size % shards or f.batch_size % n_proc:
+        raise ConfigError(
+            f"finetune.batch_size={f.batch_size} does not split over data*fsdp={shards} "
+            f"and {n_proc} processes"
+        )
+    steps_per_epoch = len(train_data) // f.batch_size
+    if not steps_per_epoch:
+        raise FinetuneDataError(
+            f"{len(train_data)} training examples make no batch of {f.batch_size}"
+        )
+    total = f.epochs * steps_per_epoch
+    opt_cfg = optimizer_config(cfg, total)
+    tx, schedule = make_optimizer(opt_cfg), lr_schedule(opt_cfg)
+    primary_metric = spec.metrics[0]
+
+    with jax.set_mesh(mesh):
+        graphdef, abstract, state_sh = state_shardings(model_cfg, spec, mesh, tx)
+        batch_sh = {
+            "tokens": sharding.batch_sharding(mesh, 3),
+            "extract": sharding.batch_sharding(mesh, 2),
+            "label": sharding.batch_sharding(mesh, 1),
+        }
+        train_iter = ExampleBatches(ExampleSource(train_data, "train"), f.batch_size, f.seed)
+        if resuming:
+            start, state, _, _ = ckpt.restore(
+                abstract_with_shardings(abstract, state_sh),
+                train_iter,
+                model_config=config_lib.to_dict(run_cfg)["model"],
+            )
+            log.info("resumed from step %d in %s", start, ckpt.directory)
+        else:
+            state, start = _initial_state(cfg, model_cfg, base_cfg, spec, tx, state_sh, mesh), 0
+        step_fn = jax.jit(
+            make_finetune_step(cfg, model_cfg, spec, graphdef, tx, schedule),
+            in_shardings=(state_sh, batch_sh),
+            out_shardings=(state_sh, None),
+            donate_argnums=0,
+        )
+        eval_fn = jax.jit(
+            lambda p, b: forward(graphdef, p, b["tokens"], b["extract"], spec)[0],
+            in_shardings=(state_sh.params, batch_sh),
+            out_shardings=NamedSharding(mesh, P()),
+        )
+        dev_source = ExampleSource(dev_data, "dev")
+
+        def evaluate(params) -> dict:
+            put = lambda b: jax.device_put(b, batch_sh)  # noqa: E731
+            outs = _outputs(eval_fn, params, dev_source, f.batch_size, f.length_bucket, put)
+            return score(spec, predictions(spec, outs), dev_data.labels)
+
+        if primary:
+            print(
+                f"gptjax finetune {spec.name}: {model.param_count(state.params) / 1e6:.2f}M "
+                f"parameters, {len(train_data)} train / {len(dev_data)} dev examples, "
+                f"n_ctx {n_ctx}, steps {start}->{total} ({steps_per_epoch} per epoch)",
+                flush=True,
+            )
+        writer = metrics.MetricsWriter(workdir, start, enabled=primary)
+        history = [r for r in metrics.read_metrics(workdir) if "epoch" in r and r["step"] <= start]
+        best_ckpt = Checkpointer(
+            checkpoint_dir(workdir / "best"), CheckpointConfig(keep=1, async_save=False)
+        )
+        best_file = workdir / "best" / "metrics.json"
+        best = json.loads(best_file.read_text()) if resuming and best_file.exists() else None
+        pending: list = []
+        last_time, last_step = time.perf_counter(), start
+
+        def save(step: int) -> None:
+            ckpt.save(step, state, train_iter, config_lib.to_dict(run_cfg), tokenizer.to_record())
+
+        with _SigtermFlag() as sigterm:
+            try:
+                for step in range(start, total):
+                    local = trim(next(train_iter), f.length_bucket)
+                    batch = {
+                        k: jax.make_array_from_process_local_data(batch_sh[k], v)
+                        for k, v in local.items()
+                    }
+                    state, m = step_fn(state, batch)
+                    pending.append(m)
+                    done = step + 1
+                    epoch_end = done % steps_per_epoch == 0
+                    if done % f.log_every == 0 or epoch_end:
+                        got = jax.device_get(pending)
+                        pending.clear()
+                        if not all(math.isfinite(float(x["loss"])) for x in got):
+                            raise NonFiniteLoss(f"non-finite loss by step {done}; stopping")
+                        now = time.perf_counter()
+                        record = {k: float(np.mean([x[k] for x in got])) for k in got[0]}
+                        record["lr"] = float(got[-1]["lr"])
+                        record["examples_per_sec"] = (
+                            (done - last_step) * f.batch_size / max(now - last_time, 1e-9)
+                        )
+                        last_time, last_step = now, done
+                        writer.write(done, record)
+                    if epoch_end:
+                        dev = evaluate(state.params)
+                        entry = {
+                            "epoch": done // steps_per_epoch,
+                            **{f"dev_{k}": v for k, v in dev.items()},
+                        }
+                        writer.write(done, entry)
+                        history.append({"step": done, **entry})
+                        shown = ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch")
+                        if primary:
+                            print(f"epoch {entry['epoch']} (step {done}): {shown}", flush=True)
+                        if best is None or dev[primary_metric] > best[f"dev_{primary_metric}"]:
+                            best_ckpt.save(
+                                done, {"params": state.params}, None,
+                                config_lib.to_dict(run_cfg), tokenizer.to_record(),
+                            )  # fmt: skip
+                            best_ckpt.wait()
+                            best = {"step": done, **entry}
+                            if primary:
+                                _write_atomic(best_file, json.dumps(best, indent=2))
+                    saved = done % cfg.checkpoint.every_steps == 0 or epoch_end
+                    if saved:
+                        save(done)
+                    if sigterm.reached(done) or done == stop_after:
+                        if not saved:
+                            save(done)
+                        ckpt.wait()
+                        raise Preempted(
+                            f"stopped at step {done}: checkpoint saved; re-run to resume"
+                        )
+                ckpt.wait()
+            finally:
+                writer.close()
+                ckpt.close()
+                best_ckpt.close()
+
+    epochs = [{k: int(v) if k in ("step", "epoch") else v for k, v in r.items()} for r in history]
+    results = {
+        "task": spec.name,
+        "init": f.init,
+        "init_from": f.init_from,
+        "lm_coef": f.lm_coef,
+        **{k: v for k, v in best.items() if k.startswith("dev_")},
+        "best_epoch": int(best["epoch"]),
+        "best_step": int(best["step"]),
+        "final": {k: v for k, v in epochs[-1].items() if k.startswith("dev_")},
+        "epochs": epochs,
+        **{f"majority_dev_{k}": v for k, v in majority(spec, train_data.labels, dev_data.labels).items()},
+        "n_train": len(train_data),
+        "n_dev": len(dev_data),
+        "n_ctx": n_ctx,
+        "truncated_train": train_data.truncated,
+        "truncated_dev": dev_data.truncated,
+        "steps": total,
+        "params": model.param_count(state.params),
+    }  # fmt: skip
+    if primary:
+        _write_atomic(workdir / "results.json", json.dumps(results, indent=2))
+    return results
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def predict(checkpoint, task: str, output, batch_size: int = 32) -> dict:
+    """Predictions of a fine-tuned checkpoint (a finetune workdir: its best epoch) for
+    `task` = NAME=PATH, one JSON object a line in `output`. Returns a summary, with the
+    task's metrics when the file is labelled."""
+    name, _, path = task.partition("=")
+    if name not in TASKS or not path:
+        raise ConfigError(f"--task must be NAME=PATH with NAME one of {', '.join(TASKS)}")
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "best").is_dir():
+        checkpoint = checkpoint / "best"
+    directory, step = resolve(checkpoint)
+    try:
+        cfg = config_lib.from_dict(_read_json(directory / str(step), "config"), FinetuneConfig)
+    except ConfigError as e:
+        raise CheckpointError(f"{checkpoint} is not a fine-tuned checkpoint ({e})") from None
+    if cfg.task.name != name:
+        raise ConfigError(f"{checkpoint} was fine-tuned on {cfg.task.name}, not {name}")
+    spec = TASKS[name]
+    _, params, record = load_params(checkpoint)
+    tokenizer = tokenizer_from_record(record)
+    n_ctx = cfg.task.n_ctx or cfg.model.seq_len
+    sp = Specials.for_vocab(cfg.model.vocab_size)
+    data = encode(spec, spec.read(path, labelled=False), tokenizer, sp, n_ctx, "predict")
+    graphdef, _ = model.abstract_model(cfg.model)
+    fn = jax.jit(lambda p, b: forward(graphdef, p, b["tokens"], b["extract"], spec)[0])
+    source = ExampleSource(data, "predict")
+    outs = _outputs(fn, params, source, batch_size, cfg.finetune.length_bucket, lambda b: b)
+    preds = predictions(spec, outs)
+    lines = []
+    for i, (out, pred) in enumerate(zip(outs, preds, strict=True)):
+        row = {"index": i, "where": data.wheres[i]}
+        if spec.regression:
+            row["prediction"] = float(pred)
+        else:
+            row["prediction"] = spec.labels[int(pred)]
+            row["probabilities"] = [round(float(p), 6) for p in jax.nn.softmax(out)]
+        if data.labels[i] != -1:
+            label = data.labels[i]
+            row["label"] = float(label) if spec.regression else spec.labels[int(label)]
+        lines.append(json.dumps(row))
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(output, "".join(line + "\n" for line in lines))
+    summary = {"task": name, "examples": len(data), "truncated": data.truncated}
+    if np.all(data.labels != -1):
+        summary.update(score(spec, preds, data.labels))
+    return summary
