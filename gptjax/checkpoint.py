@@ -74,25 +74,25 @@ class Checkpointer:
         )
         return out["config"], out["tokenizer"]
 
+    def read_latest_json(self) -> tuple[int, dict, dict]:
+        """(step, config dict, tokenizer record) of the newest step whose JSON items
+        read; a damaged newer step is skipped with a warning (restore sets it aside)."""
+        errors = []
+        for step in self.steps()[::-1]:
+            try:
+                return (step, *self.read_json(step))
+            except Exception as e:  # a torn or truncated step: try the one before
+                errors.append(f"step {step}: {e}")
+                log.warning("checkpoint step %d is unreadable (%s); trying an older one", step, e)
+        raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(errors))
+
     def check_shapes(self, step: int, abstract_state, model_config: dict | None = None) -> None:
         """Fail clearly when the stored parameters do not have the config's shapes,
         naming the model fields that differ when the caller gives its model config."""
         stored = self.manager.item_metadata(step)["state"]
         stored_params = stored.tree["params"]
-        want = {
-            jax.tree_util.keystr(p): tuple(x.shape)
-            for p, x in jax.tree_util.tree_leaves_with_path(abstract_state.params)
-        }
-        have = {
-            jax.tree_util.keystr(p): tuple(x.shape)
-            for p, x in jax.tree_util.tree_leaves_with_path(stored_params)
-        }
-        if want != have:
-            diffs = [
-                f"{k}: checkpoint {have.get(k)} vs config {want.get(k)}"
-                for k in sorted(set(want) | set(have))
-                if want.get(k) != have.get(k)
-            ]
+        diffs = shape_diffs(abstract_state.params, stored_params)
+        if diffs:
             fields = ""
             if model_config is not None:
                 stored_model = self.read_json(step)[0].get("model", {})
@@ -104,9 +104,7 @@ class Checkpointer:
                 fields = f" ({fields})" if fields else ""
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} holds a model of another shape "
-                f"than the config{fields}: "
-                + "; ".join(diffs[:8])
-                + (" ..." if len(diffs) > 8 else "")
+                f"than the config{fields}: {diffs}"
             )
 
     def restore(
@@ -185,6 +183,24 @@ class Checkpointer:
         self.manager.close()
 
 
+def shape_diffs(want_tree, have_tree, limit: int = 8) -> str:
+    """The parameters whose shapes differ between two trees ('' if none), for messages."""
+
+    def shapes(tree):
+        return {
+            jax.tree_util.keystr(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_leaves_with_path(tree)
+        }
+
+    want, have = shapes(want_tree), shapes(have_tree)
+    diffs = [
+        f"{k}: checkpoint {have.get(k)} vs config {want.get(k)}"
+        for k in sorted(set(want) | set(have))
+        if want.get(k) != have.get(k)
+    ]
+    return "; ".join(diffs[:limit]) + (" ..." if len(diffs) > limit else "")
+
+
 def abstract_with_shardings(abstract_tree, shardings):
     """ShapeDtypeStructs that carry the target shardings, so a restore reshards."""
     return jax.tree.map(
@@ -242,24 +258,31 @@ def save_params(directory: str | Path, config: dict, params, tokenizer: dict | N
     return directory
 
 
+def read_step_json(step_dir: Path, item: str) -> dict:
+    """One JSON item (config, tokenizer) of a step directory; {} when it has none."""
+    if not (step_dir / item).exists():
+        return {}
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / item)
+
+
 def load_params(path: str | Path, abstract_params=None):
     """(config dict, params, tokenizer record or None) from any checkpoint `resolve`
     accepts. Only the parameters are read from a training checkpoint, never the
     optimizer state. abstract_params (ShapeDtypeStructs, optionally with shardings)
-    places them; without it they are read as stored, onto one device."""
+    places them (a CheckpointError names the parameters whose stored shapes differ);
+    without it they are read as stored, onto one device."""
     directory, step = resolve(path)
     step_dir = directory / str(step)
-    json_ckpt = ocp.Checkpointer(ocp.JsonCheckpointHandler())
-    config = json_ckpt.restore(step_dir / "config")
-    tokenizer = (
-        json_ckpt.restore(step_dir / "tokenizer") if (step_dir / "tokenizer").exists() else {}
-    )
+    config = read_step_json(step_dir, "config")
+    tokenizer = read_step_json(step_dir, "tokenizer")
     item, key = ("params", None) if (step_dir / "params").exists() else ("state", "params")
     reader = ocp.PyTreeCheckpointer()
+    stored = reader.metadata(step_dir / item).item_metadata.tree
+    stored = stored[key] if key else stored
     if abstract_params is None:
-        stored = reader.metadata(step_dir / item).item_metadata.tree
-        stored = stored[key] if key else stored
         abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored)
+    elif diffs := shape_diffs(abstract_params, stored):
+        raise CheckpointError(f"{step_dir} holds parameters of other shapes: {diffs}")
     target = {key: abstract_params} if key else abstract_params
     restored = reader.restore(
         step_dir / item,

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 
 def _split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -62,8 +63,12 @@ def _tokenizer_train(args, _overrides) -> int:
     from gptjax.data import DataError
     from gptjax.tokenizer import train_sentencepiece
 
+    missing = [p for p in args.input if not Path(p).is_file()]
+    if missing:
+        print(f"gptjax: input file(s) not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
     try:
-        out = train_sentencepiece(args.input, args.vocab_size, args.output)
+        out = train_sentencepiece([Path(p) for p in args.input], args.vocab_size, args.output)
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"gptjax: {e}", file=sys.stderr)
         return 2

@@ -122,6 +122,10 @@ class TrainConfig:
     peak_flops: float = 0.0  # per device, FLOP/s; 0 looks the device up in the peak table
     sample_tokens: int = 64  # sample printed at the end; 0 disables
     sample_prompt: str = ""
+    # A checkpoint (converted, or a training workdir: its latest step) whose parameters
+    # start a new run; the optimizer and data start fresh. Its tokenizer is used unless
+    # tokenizer.path is set. Ignored when the workdir already has checkpoints (resume).
+    init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +298,7 @@ def validate(cfg: Config) -> Config:
             )
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError("data.val_fraction must be in [0, 1)")
-    for name in ("steps", "batch_size", "log_every", "eval_every"):
+    for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive")
     if cfg.checkpoint.every_steps <= 0 or cfg.checkpoint.keep <= 0:

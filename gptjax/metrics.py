@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -71,13 +72,9 @@ class MetricsWriter:
         """A resumed run repeats the steps after its checkpoint: drop their old lines."""
         if not self.path.exists():
             return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        kept = [r for r in _records(self.path) if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
 
     def write(self, step: int, values: dict) -> None:
@@ -96,11 +93,22 @@ class MetricsWriter:
             self.tb.close()
 
 
+def _records(path: Path) -> list[dict]:
+    """The JSON lines of a metrics file. A line that does not parse is the one a killed
+    run was writing (it is the last): skipped, so the run still resumes."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if line.strip():
+                logging.getLogger(__name__).warning("%s: skipped a torn line %r", path, line)
+    return records
+
+
 def read_metrics(workdir: Path) -> list[dict]:
     path = Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _records(path) if path.exists() else []
 
 
 def plot_loss(workdir: Path) -> Path | None:

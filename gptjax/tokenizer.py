@@ -44,6 +44,10 @@ class TokenizerError(ValueError):
     """A tokenizer file, directory or record that cannot be used."""
 
 
+class NoTrainingText(TokenizerError):
+    """Tokenizer training got no text: every input was empty."""
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -307,7 +311,7 @@ def train_sentencepiece(
     lines = _training_lines(input_paths_or_texts, max_chars, texts)
     first = next(lines, None)
     if first is None:
-        raise TokenizerError("SentencePiece training got no text (every input was empty)")
+        raise NoTrainingText("SentencePiece training got no text (every input was empty)")
     buf = io.BytesIO()
     spm.set_random_generator_seed(_SP_SEED)
     try:

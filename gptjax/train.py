@@ -24,7 +24,15 @@ from jax.sharding import PartitionSpec as P
 
 from gptjax import config as config_lib
 from gptjax import data, metrics, model, sharding
-from gptjax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings, checkpoint_dir
+from gptjax.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    abstract_with_shardings,
+    checkpoint_dir,
+    load_params,
+    read_step_json,
+    resolve,
+)
 from gptjax.config import Config
 from gptjax.distributed import primary_first
 from gptjax.optim import lr_schedule, make_optimizer
@@ -171,6 +179,23 @@ def resolve_vocab(cfg: Config, vocab_size: int) -> Config:
     return cfg
 
 
+def _init_tokenizer(cfg: Config) -> dict:
+    """The tokenizer record of the train.init_from checkpoint ({} when it has none)."""
+    directory, step = resolve(cfg.train.init_from)
+    return read_step_json(directory / str(step), "tokenizer")
+
+
+def _init_params(path: str, abstract_params, shardings) -> dict:
+    """train.init_from's parameters, placed on the run's shardings; another model shape
+    is a CheckpointError naming the parameters."""
+    target = abstract_with_shardings(abstract_params, shardings)
+    try:
+        _, params, _ = load_params(path, target)
+    except CheckpointError as e:
+        raise CheckpointError(f"train.init_from={path}: {e}") from None
+    return params
+
+
 def _global_batch(local_KxBxL1: np.ndarray, batch_sh) -> jax.Array:
     return jax.make_array_from_process_local_data(batch_sh, local_KxBxL1)
 
@@ -221,6 +246,10 @@ def train(cfg: Config, workdir: str | Path) -> dict:
             "tokenizer.kind=gpt2 needs tokenizer.path: a directory holding encoder.json and "
             "vocab.bpe (--config.tokenizer.path=DIR)"
         )
+    try:  # before any data work: a mesh that does not fit the devices fails at once
+        sharding.mesh_shape(cfg.mesh, jax.device_count())
+    except ValueError as e:
+        raise config_lib.ConfigError(f"mesh: {e}") from None
     workdir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
     ckpt = Checkpointer(checkpoint_dir(workdir), cfg.checkpoint)
@@ -231,7 +260,9 @@ def train(cfg: Config, workdir: str | Path) -> dict:
     # them (on a shared filesystem; with local disks each process builds its own copy).
     with primary_first("gptjax_tokenizer_and_cache"):
         if resuming:
-            _, record = ckpt.read_json(ckpt.steps()[-1])
+            _, _, record = ckpt.read_latest_json()
+            tokenizer = tokenizer_from_record(record)
+        elif cfg.train.init_from and not cfg.tokenizer.path and (record := _init_tokenizer(cfg)):
             tokenizer = tokenizer_from_record(record)
         else:
             tokenizer = data.get_tokenizer(cfg, workdir)
@@ -265,6 +296,12 @@ def train(cfg: Config, workdir: str | Path) -> dict:
             log.info("resumed from step %d in %s", start_step, ckpt.directory)
         else:
             state, start_step = init_state(cfg, mesh, tx, state_sh), 0
+            if t.init_from:
+                # Adam's moments start at zero whatever the parameters: only these change.
+                state = state.replace(
+                    params=_init_params(t.init_from, abstract.params, state_sh.params)
+                )
+                log.info("initialised the parameters from %s", t.init_from)
         sharding.check_replication(state.params, state_sh.params, mesh)
 
         step_fn = jax.jit(
@@ -331,7 +368,8 @@ def train(cfg: Config, workdir: str | Path) -> dict:
                     state, m = step_fn(state, _global_batch(local, batch_sh))
                     pending.append((step + 1, m))
                     done = step + 1
-                    if done % t.log_every == 0 or done == t.steps:
+                    evaluating = done % t.eval_every == 0 or done == t.steps
+                    if done % t.log_every == 0 or evaluating:
                         got = flush_held + flush_pending()
                         flush_held.clear()
                         now = time.perf_counter()
@@ -348,7 +386,7 @@ def train(cfg: Config, workdir: str | Path) -> dict:
                             "tokens_per_sec": tps,
                             "mfu": tps * flops_tok / peak if peak else 0.0,
                         }
-                        if done % t.eval_every == 0 or done == t.steps:
+                        if evaluating:
                             val_loss = evaluate(state.params)
                             record["val_loss"] = val_loss
                             record["val_ppl"] = math.exp(min(val_loss, 50.0))
@@ -369,7 +407,12 @@ def train(cfg: Config, workdir: str | Path) -> dict:
                 writer.close()
                 ckpt.close()
 
-    summary = {"step": t.steps, "val_loss": val_loss, "params": n_params}
+    summary = {
+        "step": t.steps,
+        "resumed_from": start_step,
+        "val_loss": val_loss,
+        "params": n_params,
+    }
     if primary:
         metrics.plot_loss(workdir)
     # Every process samples: the parameters are sharded over all of them.

@@ -318,6 +318,7 @@ def test_later_override_wins():
         ("train.steps7", "train.steps7"),
         # Well-typed but invalid: validation runs after the overrides.
         ("train.microbatches=3", "microbatches"),
+        ("train.eval_batches=0", "eval_batches"),
         ("model.attention_windows=0,128,256", "attention_windows"),
     ],
 )
@@ -417,3 +418,13 @@ def test_gpt2_tokenizer_without_path_fails_before_touching_the_workdir(tmp_path,
     assert rc == 2
     assert "tokenizer.path" in capsys.readouterr().err
     assert not workdir.exists()
+
+
+def test_cli_reports_a_mesh_that_does_not_fit_the_devices_before_any_work(tmp_path, capsys):
+    from gptjax import cli
+
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", str(QUICKSTART), "--workdir", str(workdir)]
+    assert cli.main([*argv, "--config.mesh.data=3"]) == 2  # 8 simulated devices
+    assert "mesh" in capsys.readouterr().err
+    assert not workdir.exists()  # no tokenizer trained, no cache built

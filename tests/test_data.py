@@ -30,11 +30,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
+def tok_path(tmp_path_factory) -> Path:
     """A small SentencePiece model trained on builtin:pydoc (no shared data needed)."""
     path = tmp_path_factory.mktemp("tok") / "pydoc.model"
-    train_sentencepiece(iter_documents(DataConfig()), 512, path, texts=True)
-    return load_tokenizer(TokenizerConfig(path=str(path)))
+    return train_sentencepiece(iter_documents(DataConfig()), 512, path, texts=True)
+
+
+@pytest.fixture(scope="module")
+def tok(tok_path):
+    return load_tokenizer(TokenizerConfig(path=str(tok_path)))
 
 
 def make_cfg(tmp_path, sources, seq_len=16, val_fraction=0.1, **data) -> Config:
@@ -166,6 +170,20 @@ def test_undecodable_bytes_are_counted_and_reported(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(str(path) in w and "3 undecodable" in w for w in warnings), warnings
     assert any(str(jsonl) in w and "1 undecodable" in w for w in warnings), warnings
+    stats = {}
+    list(iter_documents(DataConfig(sources=(str(path), str(jsonl))), stats))
+    assert stats == {"replaced": 4}
+
+
+def test_the_token_cache_records_the_replaced_bytes(tmp_path, tok, caplog):
+    path = tmp_path / "docs" / "latin1.txt"
+    path.parent.mkdir()
+    path.write_bytes(b"caf\xff and more text " * 40)
+    with caplog.at_level("INFO"):
+        load_splits(make_cfg(tmp_path, [path]), tok, tmp_path)
+    [manifest] = (tmp_path / "cache").glob("*/manifest.json")
+    assert json.loads(manifest.read_text())["replaced_undecodable"] == 40
+    assert "40 undecodable utf-8 sequence(s) replaced" in caplog.text
 
 
 # --- cache -------------------------------------------------------------------
@@ -214,7 +232,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, tok, monkeypatch):
     assert repr(again) == repr(first)
     np.testing.assert_array_equal(again[0], first[0])
     # A touched file (same text, new mtime) is re-read, and its windows keep their
-    # identity (repr, which grain checks on resume), since the tokens are the same.
+    # identity (repr, which the data position checks on resume), since the tokens are the same.
     doc = tmp_path / "docs" / "doc01.txt"
     os.utime(doc, ns=(before.st_mtime_ns + 10**9, before.st_mtime_ns + 10**9))
     touched, _ = load_splits(cfg, tok, tmp_path / "work")
@@ -417,3 +435,54 @@ def test_get_tokenizer_trains_once_into_the_workdir(tmp_path, shared_data):
     missing = dataclasses.replace(cfg, tokenizer=TokenizerConfig(path=str(tmp_path / "nope.model")))
     with pytest.raises(DataError, match="nope.model"):
         get_tokenizer(missing, tmp_path / "w3")
+
+
+# --- bad input at the command line --------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "too_small", "empty_no_tokenizer"])
+def test_cli_bad_corpus_is_a_clear_error_and_leaves_no_cache(tmp_path, tok_path, capsys, case):
+    """`gptjax train` on a missing file, an empty corpus (with a tokenizer given, or one to
+    train), or a corpus smaller than one batch: exit 2, a message naming the problem, no
+    traceback, and nothing half-written in the token cache."""
+    from gptjax import cli
+
+    corpus = tmp_path / "corpus.txt"
+    if case != "missing":
+        corpus.write_text("" if case.startswith("empty") else "a few words only.\n")
+    flags = [
+        f"--config.data.sources={corpus}",
+        f"--config.data.cache_dir={tmp_path / 'cache'}",
+        "--config.train.steps=2",
+    ]
+    if case != "empty_no_tokenizer":
+        flags.append(f"--config.tokenizer.path={tok_path}")
+    argv = ["train", "--config", str(REPO / "configs/quickstart.py"), "--workdir"]
+    assert cli.main([*argv, str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err
+    expected = {
+        "missing": f"source {str(corpus)!r}: file not found",
+        "empty": "empty corpus",
+        "empty_no_tokenizer": "empty corpus",
+        "too_small": "train split has 0 windows",
+    }[case]
+    assert expected in err and "Traceback" not in err, err
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not [p for p in cache.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_cli_tokenizer_train_refuses_a_missing_input(tmp_path, capsys):
+    from gptjax import cli
+
+    out = tmp_path / "tok.model"
+    assert (
+        cli.main(["tokenizer", "train", "--input", "no such file.txt", "--output", str(out)]) == 2
+    )
+    assert "no such file.txt" in capsys.readouterr().err
+    assert not out.exists()
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n" * 50)
+    args = ["--input", str(text), "--vocab-size", "300", "--output", str(out)]
+    assert cli.main(["tokenizer", "train", *args]) == 0
+    tokenizer = load_tokenizer(TokenizerConfig(path=str(out)))
+    assert tokenizer.decode(tokenizer.encode("lazy fox")) == "lazy fox"

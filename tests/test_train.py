@@ -72,7 +72,7 @@ def gptjax_cmd(cfg: Config, workdir: Path) -> list[str]:
 
 def subprocess_env() -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = os.environ["XLA_FLAGS"]  # conftest's: 8 devices, patient collectives
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get(
         "GPTJAX_TEST_COMPILE_CACHE", str(REPO / ".jax_cache")
@@ -123,6 +123,7 @@ def test_run_leaves_its_artifacts_and_learns(straight_run):
     assert [r["step"] for r in records] == list(range(1, 41))
     for key in ("loss", "lr", "tokens_per_sec", "mfu", "grad_norm"):
         assert all(math.isfinite(r[key]) for r in records), key
+    assert all(r["tokens_per_sec"] > 0 and 0 < r["mfu"] for r in records)
     assert [r["step"] for r in records if "val_loss" in r] == [20, 40]
     assert records[-1]["loss"] < records[0]["loss"] - 1.0
     assert (workdir / "loss.png").stat().st_size > 1000
@@ -142,7 +143,7 @@ def test_resume_matches_uninterrupted_run(straight_run, tmp_path):
     first = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=20))
     train.train(first, tmp_path)
     assert Checkpointer(checkpoint_dir(tmp_path)).steps() == [20]
-    train.train(cfg, tmp_path)
+    assert train.train(cfg, tmp_path)["resumed_from"] == 20
     assert losses(tmp_path) == losses(workdir)
 
 
@@ -151,7 +152,7 @@ def test_restore_onto_another_mesh(straight_run, tmp_path):
     first = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=20))
     train.train(first, tmp_path)
     resharded = dataclasses.replace(cfg, mesh=MeshConfig(data=1, fsdp=2, tensor=4))
-    train.train(resharded, tmp_path)
+    assert train.train(resharded, tmp_path)["resumed_from"] == 20
     got, want = losses(tmp_path), losses(workdir)
     assert sorted(got) == sorted(want)
     np.testing.assert_allclose(
@@ -187,9 +188,48 @@ def test_damaged_latest_checkpoint_falls_back(straight_run, tmp_path, caplog):
             f.write_bytes(b"")
             damaged += 1
     assert damaged
-    train.train(cfg, tmp_path)  # resumes from 20, redoes 21..40
+    assert train.train(cfg, tmp_path)["resumed_from"] == 20  # redoes 21..40
     assert "step 40 is unreadable" in caplog.text
     assert losses(tmp_path) == {s: v for s, v in losses(workdir).items() if s > 20}
+
+
+def test_torn_json_of_the_latest_checkpoint_falls_back(straight_run, tmp_path, caplog):
+    """The config and tokenizer records are read before the state: a torn one falls back
+    to the previous step too, instead of failing the resume."""
+    cfg, workdir = straight_run
+    import shutil
+
+    shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
+    torn = [f for f in (tmp_path / "checkpoints/40/tokenizer").rglob("*") if f.is_file()]
+    assert torn
+    for f in torn:
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    assert train.train(cfg, tmp_path)["resumed_from"] == 20
+    assert "step 40 is unreadable" in caplog.text
+    assert losses(tmp_path) == {s: v for s, v in losses(workdir).items() if s > 20}
+
+
+def test_init_from_a_checkpoint_starts_a_new_run_from_its_parameters(straight_run, tmp_path):
+    """train.init_from: the parameters (and, with no tokenizer.path, the tokenizer) of
+    another run; with lr 0 they stay as loaded, so the new run's validation loss is the
+    old run's final one. Another model shape is a clear error."""
+    cfg, workdir = straight_run
+    frozen = dataclasses.replace(
+        cfg,
+        tokenizer=dataclasses.replace(cfg.tokenizer, path=""),
+        optim=dataclasses.replace(cfg.optim, lr=0.0),
+        train=dataclasses.replace(cfg.train, steps=2, eval_every=2, init_from=str(workdir)),
+    )
+    summary = train.train(frozen, tmp_path / "init")
+    assert summary["resumed_from"] == 0
+    want = [r["val_loss"] for r in read_metrics(workdir) if "val_loss" in r][-1]
+    np.testing.assert_allclose(summary["val_loss"], want, rtol=1e-6)
+    assert not (tmp_path / "init" / "tokenizer.model").exists()  # the checkpoint's was used
+    wider = dataclasses.replace(frozen, model=dataclasses.replace(cfg.model, d_model=96))
+    with pytest.raises(
+        CheckpointError, match=r"train.init_from=.*other shapes.*wq.*vs config \(2, 96, 4, 24\)"
+    ):
+        train.train(wider, tmp_path / "wider")
 
 
 def test_nan_stops_the_run_and_keeps_last_good_checkpoint(tiny, tmp_path):
@@ -204,7 +244,8 @@ def test_nan_stops_the_run_and_keeps_last_good_checkpoint(tiny, tmp_path):
     steps = Checkpointer(checkpoint_dir(tmp_path)).steps()
     assert steps and max(steps) < bad_step
     recorded = losses(tmp_path)
-    assert all(math.isfinite(v) for s, v in recorded.items() if s < bad_step)
+    assert recorded and max(recorded) < bad_step  # the non-finite step was never logged
+    assert all(math.isfinite(v) for v in recorded.values())
 
 
 def test_sigterm_saves_a_checkpoint(tiny, tmp_path):
@@ -237,7 +278,10 @@ def test_kill_9_then_resume_matches_uninterrupted(tiny, tmp_path):
     proc.wait()
     before = Checkpointer(checkpoint_dir(killed)).steps()
     assert before and max(before) < 120, before
-    subprocess.run(gptjax_cmd(cfg, killed), env=subprocess_env(), check=True, capture_output=True)
+    again = subprocess.run(
+        gptjax_cmd(cfg, killed), env=subprocess_env(), check=True, capture_output=True, text=True
+    )
+    assert f"steps {max(before)}->120" in again.stdout  # resumed, not started over
     assert losses(killed) == losses(straight)
 
 
@@ -266,3 +310,22 @@ def test_tinyshakespeare_validation_loss_beats_unigram_baseline(tiny, tmp_path, 
     records = read_metrics(tmp_path)
     assert records[-1]["loss"] < records[0]["loss"]
     json.dumps(summary)  # the summary is plain data
+
+
+def test_quickstart_main_job_end_to_end(tmp_path, capsys):
+    """The README's main job, shortened: the built-in corpus, a tokenizer trained on it,
+    validation at eval_every even off the log cadence, the sample, every artifact."""
+    from gptjax import cli
+
+    workdir = tmp_path / "quickstart"
+    argv = ["train", "--config", str(REPO / "configs/quickstart.py"), "--workdir", str(workdir)]
+    flags = ["steps=6", "log_every=2", "eval_every=3", "eval_batches=1", "sample_tokens=8"]
+    assert cli.main([*argv, *(f"--config.train.{f}" for f in flags)]) == 0
+    assert "--- sample ---" in capsys.readouterr().out
+    records = read_metrics(workdir)
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+    assert [r["step"] for r in records] == [2, 3, 4, 6]
+    for artifact in ("tokenizer.model", "loss.png", "metrics.jsonl", "token_cache"):
+        assert (workdir / artifact).exists(), artifact
+    assert Checkpointer(checkpoint_dir(workdir)).steps() == [6]
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))

@@ -96,7 +96,8 @@ def _write_cache(tmp: Path, cfg: DataConfig, tokenizer: Tokenizer, shard_tokens:
         shards.append({"file": name, "tokens": fill})
 
     bar = tqdm(desc="tokenizing", unit=" docs", mininterval=1.0)
-    for docs in _batches(iter_documents(cfg)):
+    stats: dict = {}
+    for docs in _batches(iter_documents(cfg, stats)):
         for ids in tokenizer.encode_batch(docs):
             ids = np.asarray(ids + [tokenizer.eos_id], dtype=dtype)
             total += len(ids)
@@ -122,6 +123,7 @@ def _write_cache(tmp: Path, cfg: DataConfig, tokenizer: Tokenizer, shard_tokens:
         "total_tokens": total,
         "tokens_sha256": digest.hexdigest(),
         "documents": n_docs,
+        "replaced_undecodable": stats.get("replaced", 0),  # utf-8 sequences -> U+FFFD
         "sources": list(cfg.sources),
         "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
         "shards": shards,
@@ -165,11 +167,13 @@ def build_cache(
             if not (final / MANIFEST).is_file():  # not another process winning the race
                 raise
         log.info(
-            "token cache %s: %d documents, %d tokens in %d shard(s)",
+            "token cache %s: %d documents, %d tokens in %d shard(s), %d undecodable utf-8 "
+            "sequence(s) replaced",
             final,
             manifest["documents"],
             manifest["total_tokens"],
             len(manifest["shards"]),
+            manifest["replaced_undecodable"],
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

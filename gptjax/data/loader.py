@@ -21,7 +21,13 @@ import numpy as np
 from gptjax.config import Config
 from gptjax.data.cache import build_cache
 from gptjax.data.sources import DataError, iter_documents
-from gptjax.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_sentencepiece
+from gptjax.tokenizer import (
+    NoTrainingText,
+    Tokenizer,
+    TokenizerError,
+    load_tokenizer,
+    train_sentencepiece,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +35,8 @@ log = logging.getLogger(__name__)
 class TokenWindows:
     """Packed windows over token segments; a grain RandomAccessDataSource.
 
-    `tag` (a digest of the token stream) goes into repr(): grain checks repr(source)
-    when an iterator state is restored, so a resume onto other tokens fails loudly
+    `tag` (a digest of the token stream) goes into repr(), which the saved data position
+    records (TrainBatches.set_state compares it), so a resume onto other tokens fails loudly
     instead of silently reading other windows, while a re-copied corpus with new
     mtimes (a new cache, the same tokens) still resumes.
     """
@@ -102,7 +108,14 @@ def get_tokenizer(cfg: Config, workdir: Path) -> Tokenizer:
         path = Path(workdir) / "tokenizer.model"
         if not path.is_file():
             log.info("training a %d-piece SentencePiece model into %s", tc.vocab_size, path)
-            train_sentencepiece(iter_documents(cfg.data), tc.vocab_size, path, texts=True)
+            docs = iter_documents(cfg.data)
+            try:
+                train_sentencepiece(docs, tc.vocab_size, path, texts=True)
+            except NoTrainingText:
+                raise DataError(
+                    f"empty corpus: sources {list(cfg.data.sources)} gave no text to train "
+                    "the tokenizer on"
+                ) from None
         return load_tokenizer(dataclasses.replace(tc, path=str(path)))
     except TokenizerError as e:
         raise DataError(str(e)) from e

@@ -42,9 +42,11 @@ def _decode(raw: bytes) -> tuple[str, int]:
     return text, text.count("\ufffd") - raw.count("\ufffd".encode())
 
 
-def _warn_replaced(where: str, n: int) -> None:
+def _warn_replaced(where: str, n: int, stats: dict | None) -> None:
     if n:
         log.warning("%s: %d undecodable utf-8 byte sequence(s) replaced by U+FFFD", where, n)
+    if stats is not None:
+        stats["replaced"] = stats.get("replaced", 0) + n
 
 
 def _pydoc_documents() -> list[str]:
@@ -111,7 +113,7 @@ def _check_builtin(spec: str) -> None:
         raise DataError(f"source {spec!r}: unknown builtin (the one builtin is builtin:pydoc)")
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+def _jsonl_documents(path: Path, field: str, stats: dict | None) -> Iterator[str]:
     replaced = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -130,10 +132,10 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
                 keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
                 raise DataError(f"{path}:{lineno}: no string field {field!r} (found {keys})")
             yield text
-    _warn_replaced(str(path), replaced)
+    _warn_replaced(str(path), replaced, stats)
 
 
-def _tfds_documents(spec: str, cfg: DataConfig) -> Iterator[str]:
+def _tfds_documents(spec: str, cfg: DataConfig, stats: dict | None) -> Iterator[str]:
     ds = _open_tfds(spec, cfg)
     replaced = 0
     for start in range(0, len(ds), _TFDS_READ_BATCH):
@@ -151,11 +153,12 @@ def _tfds_documents(spec: str, cfg: DataConfig) -> Iterator[str]:
                     f"(found {keys})"
                 )
             yield value
-    _warn_replaced(f"source {spec!r}", replaced)
+    _warn_replaced(f"source {spec!r}", replaced, stats)
 
 
-def iter_documents(cfg: DataConfig) -> Iterator[str]:
-    """Every document of every source, in config order (files sorted within a glob)."""
+def iter_documents(cfg: DataConfig, stats: dict | None = None) -> Iterator[str]:
+    """Every document of every source, in config order (files sorted within a glob).
+    stats, when given, receives the total of replaced undecodable sequences ("replaced")."""
     if not cfg.sources:
         raise DataError("data.sources is empty")
     for spec in cfg.sources:
@@ -163,14 +166,14 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
             _check_builtin(spec)
             yield from _pydoc_documents()
         elif spec.startswith("tfds:"):
-            yield from _tfds_documents(spec, cfg)
+            yield from _tfds_documents(spec, cfg, stats)
         else:
             for path in _source_files(spec):
                 if path.suffix == ".jsonl":
-                    yield from _jsonl_documents(path, cfg.text_field)
+                    yield from _jsonl_documents(path, cfg.text_field, stats)
                 else:
                     text, n = _decode(path.read_bytes())
-                    _warn_replaced(str(path), n)
+                    _warn_replaced(str(path), n, stats)
                     yield text
 
 
