@@ -78,13 +78,18 @@ def _tokenizer_train(args, _overrides) -> int:
 
 def _generate(args, _overrides) -> int:
     from gptjax.checkpoint import CheckpointError
-    from gptjax.generate import Sampling, from_checkpoint
+    from gptjax.generate import Sampling, from_checkpoint, make_mesh
 
     if bool(args.prompt) == bool(args.prompt_ids):
-        print("gptjax: give --prompt (text) or --prompt-ids (ids), not both", file=sys.stderr)
+        print("gptjax: give --prompt (text) or --prompt-ids (ids), one of them", file=sys.stderr)
         return 2
     try:
-        prompt_ids = [[int(t) for t in p.split(",") if t.strip()] for p in args.prompt_ids or []]
+        prompt_ids = []
+        for p in args.prompt_ids or []:
+            try:
+                prompt_ids.append([int(t) for t in p.split(",") if t.strip()])
+            except ValueError:
+                raise ValueError(f"--prompt-ids {p!r}: expected comma-separated integers") from None
         sampling = Sampling(
             temperature=args.temperature,
             top_k=args.top_k,
@@ -92,17 +97,25 @@ def _generate(args, _overrides) -> int:
             max_new_tokens=args.max_new_tokens,
             stop_ids=tuple(args.stop_id or ()),
         )
+        mesh = make_mesh(args.mesh) if args.mesh else None
         new, texts = from_checkpoint(
-            args.checkpoint, args.prompt or [], prompt_ids, sampling, args.seed, args.stop or []
+            args.checkpoint,
+            args.prompt or [],
+            prompt_ids,
+            sampling,
+            args.seed,
+            args.stop or [],
+            mesh=mesh,
+            need_text=args.format == "text",
         )
     except (CheckpointError, ValueError) as e:
         print(f"gptjax: {e}", file=sys.stderr)
         return 2
-    if args.format == "ids" or texts is None:
+    if args.format == "ids":
         for ids in new:
             print(",".join(map(str, ids)))
-    else:
-        for prompt, text in zip(args.prompt, texts, strict=True):
+    else:  # the prompt and its continuation; for --prompt-ids the new text alone
+        for prompt, text in zip(args.prompt or [""] * len(texts), texts, strict=True):
             print(prompt + text)
     return 0
 
@@ -112,7 +125,9 @@ def _convert(args, _overrides) -> int:
     from gptjax.convert import ConvertError, convert
 
     try:
-        out = convert(args.from_format, args.to_format, args.input, args.output)
+        out = convert(
+            args.from_format, args.to_format, args.input, args.output, tokenizer=args.tokenizer
+        )
     except (ConvertError, CheckpointError) as e:
         print(f"gptjax: {e}", file=sys.stderr)
         return 2
@@ -319,14 +334,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint dir or training workdir")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=64, help=">= 1")
+    p.add_argument("--temperature", type=float, default=1.0, help=">= 0; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 (off) up to the vocabulary size")
+    p.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1 is off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", help="stop sequence (text; repeatable)")
-    p.add_argument("--stop-id", action="append", type=int, help="stop token id (repeatable)")
-    p.add_argument("--format", choices=("text", "ids"), default="text", help="ids: new token ids")
+    p.add_argument("--stop", action="append",
+                   help="stop sequence (text; repeatable; needs the checkpoint's tokenizer): "
+                   "text is cut before it; with --format ids the ids are cut before the "
+                   "token in which it begins")  # fmt: skip
+    p.add_argument("--stop-id", action="append", type=int,
+                   help="stop token id (repeatable; default: the tokenizer's EOS)")  # fmt: skip
+    p.add_argument("--format", choices=("text", "ids"), default="text",
+                   help="text (needs a tokenizer): the prompt and its continuation, or for "
+                   "--prompt-ids the new text; ids: the new token ids, one comma-separated "
+                   "line per prompt")  # fmt: skip
+    p.add_argument("--mesh", help="data=D,fsdp=F,tensor=T: generate on a device mesh, "
+                   "the parameters sharded as in training (axes left out are 1; one may "
+                   "be -1)")  # fmt: skip
     p.set_defaults(func=_generate, takes_overrides=False)
 
     p = sub.add_parser("convert", help="import a foreign checkpoint or export a gptjax one")
@@ -335,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--to", dest="to_format", choices=["hf-gpt2"])
     p.add_argument("--input", required=True, help="HF dir / llama2.c model.bin / gptjax checkpoint")
     p.add_argument("--output", required=True, help="new (empty or absent) directory")
+    p.add_argument("--tokenizer", help="with --from: record this tokenizer in the checkpoint "
+                   "(a SentencePiece .model file, or a directory with GPT-2 BPE encoder.json "
+                   "+ vocab.bpe), e.g. the vocabulary of a llama2.c model; it must not have "
+                   "more ids than the model embeds")  # fmt: skip
     p.set_defaults(func=_convert, takes_overrides=False)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")

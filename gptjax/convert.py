@@ -10,7 +10,12 @@ Formats:
   hf-gpt2   a Hugging Face GPT-2 directory: config.json + model.safetensors (or a
             sharded *.index.json, or pytorch_model.bin read with weights_only=True),
             plus the GPT-2 BPE files vocab.json/merges.txt or encoder.json/vocab.bpe.
-  llama2c   a karpathy/llama2.c version-0 ("legacy_export") model.bin.
+  llama2c   a karpathy/llama2.c version-0 ("legacy_export") model.bin (no tokenizer:
+            give one with --tokenizer, or use the checkpoint with token ids).
+
+An import records a tokenizer given as `tokenizer` (`gptjax convert --tokenizer PATH`:
+a SentencePiece .model file, or a directory with GPT-2 BPE encoder.json + vocab.bpe),
+refused when it has more ids than the model embeds.
 
 torch, transformers and safetensors are imported only inside the functions that need
 them, so importing this module (and the CLI) stays light.
@@ -215,8 +220,50 @@ def _read_safetensors(path: Path) -> dict[str, _Tensor]:
     return out
 
 
+def _torch_bin_truncation(path: Path) -> str:
+    """Why the PyTorch file at path is truncated, or '' when its structure is complete.
+    Read without unpickling anything: a zip-format file (torch >= 1.6) must have its
+    central directory (at the very end) and every member inside the file; a legacy file
+    is five pickles (magic number, protocol, system info, the state dict, storage keys;
+    walked opcode by opcode with pickletools, nothing executed) and then the storages."""
+    import pickletools
+    import zipfile
+
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if head.startswith(b"PK"):
+            try:
+                with zipfile.ZipFile(path) as z:
+                    ends = [i.header_offset + i.compress_size for i in z.infolist()]
+            except (zipfile.BadZipFile, OSError, ValueError):
+                return f"a zip-format file without its central directory ({size} bytes)"
+            if any(e > size for e in ends):
+                return f"zip members run past the end of the {size}-byte file"
+            return ""
+        if not head.startswith(b"\x80"):  # not a pickle (PROTO opcode) either
+            return ""
+        f.seek(0)
+        n_keys = 0
+        for what in ("magic number", "protocol", "system info", "state dict", "storage keys"):
+            try:
+                # The storage keys pickle is a list of strings, one per storage.
+                n_keys = sum(isinstance(arg, str) for _, arg, _ in pickletools.genops(f))
+            except Exception:  # exhausted before STOP, or an argument cut short
+                if f.tell() >= size:
+                    return f"the file ends inside its {what} pickle, at byte {size}"
+                return ""  # damaged rather than short: let torch's error speak
+        if n_keys and f.tell() >= size:
+            return f"the file ends after its pickles, before the {n_keys} tensor storages"
+    return ""
+
+
 def _read_torch_bin(path: Path) -> dict[str, _Tensor]:
-    """A pytorch_model.bin, loaded with weights_only=True: tensors only, no pickled code."""
+    """A pytorch_model.bin, loaded with weights_only=True: tensors only, no pickled code.
+    A failure is reported as truncation when the file's structure is cut short, as a
+    refusal when it pickles objects other than tensors, else as unreadable."""
     import pickle
 
     import torch
@@ -226,17 +273,24 @@ def _read_torch_bin(path: Path) -> dict[str, _Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
             break
-        except pickle.UnpicklingError as e:
+        except Exception as e:  # truncated, not a torch file, refused objects, ...
+            if mmap and not isinstance(e, pickle.UnpicklingError):
+                continue  # a legacy file (no mmap), or the same error again below
+            detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            truncated = _torch_bin_truncation(path)
+            if truncated or "unexpected EOF" in str(e):
+                raise ConvertError(
+                    f"{path}: truncated PyTorch weights ("
+                    + (truncated or f"{path.stat().st_size} bytes; {detail}")
+                    + "): an interrupted download or copy?"
+                ) from None
+            if isinstance(e, pickle.UnpicklingError):
+                raise ConvertError(
+                    f"{path}: refused: it holds pickled objects other than tensors, and only "
+                    f"weights_only loading is allowed ({detail})"
+                ) from None
             raise ConvertError(
-                f"{path}: refused: it holds pickled objects other than tensors, and only "
-                f"weights_only loading is allowed ({str(e).splitlines()[0]})"
-            ) from None
-        except Exception as e:  # truncated zip, not a torch file, ...
-            if mmap:
-                continue
-            raise ConvertError(
-                f"{path}: cannot read PyTorch weights ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); truncated or not a "
+                f"{path}: cannot read PyTorch weights ({detail}); damaged, or not a "
                 "pytorch_model.bin?"
             ) from None
     if not isinstance(state, dict):
@@ -373,8 +427,38 @@ def _gpt2_tokenizer(input_dir: Path):
     return None
 
 
-def import_hf_gpt2(input_dir, output_dir) -> Path:
+def load_tokenizer_arg(path):
+    """The tokenizer `gptjax convert --tokenizer PATH` names: a SentencePiece .model
+    file, or a directory holding GPT-2 BPE encoder.json + vocab.bpe."""
+    from gptjax.config import TokenizerConfig
+    from gptjax.tokenizer import TokenizerError, load_tokenizer
+
+    path = Path(path).absolute()
+    if not path.exists():
+        raise ConvertError(f"--tokenizer {path}: not found")
+    kind = "gpt2" if path.is_dir() else "sentencepiece"
+    try:
+        return load_tokenizer(TokenizerConfig(kind=kind, path=str(path)))
+    except TokenizerError as e:
+        raise ConvertError(
+            f"--tokenizer {path}: not a SentencePiece .model file or a GPT-2 BPE directory "
+            f"(encoder.json + vocab.bpe): {e}"
+        ) from None
+
+
+def _check_tokenizer_fits(tokenizer, vocab_size: int, where) -> None:
+    if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+        raise ConvertError(
+            f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+            f"{vocab_size} embedding rows (vocab_size): not this model's tokenizer"
+        )
+
+
+def import_hf_gpt2(input_dir, output_dir, tokenizer=None) -> Path:
     """Import a Hugging Face GPT-2 directory (any size) as a gptjax checkpoint.
+
+    tokenizer: a path for load_tokenizer_arg, recorded instead of the directory's own
+    GPT-2 BPE files.
 
     Conv1D weights are [in, out]; c_attn packs q, k, v along `out`, each head-major.
     The embedding is padded with zero rows to the config's padded vocabulary. Dropout
@@ -388,7 +472,13 @@ def import_hf_gpt2(input_dir, output_dir) -> Path:
     if not input_dir.is_dir():
         raise ConvertError(f"input directory {input_dir} not found")
     hp = _gpt2_hparams(input_dir / "config.json")
-    tokenizer = _gpt2_tokenizer(input_dir)
+    if tokenizer is not None:
+        tokenizer, where = load_tokenizer_arg(tokenizer), f"--tokenizer {tokenizer}"
+        if any((input_dir / a).is_file() for a, _ in _GPT2_TOKENIZER_FILES):
+            log.info("recording %s instead of %s's own tokenizer files", where, input_dir)
+    else:
+        tokenizer, where = _gpt2_tokenizer(input_dir), str(input_dir)
+    _check_tokenizer_fits(tokenizer, hp["vocab_size"], where)
     tensors, source = _read_hf_weights(input_dir)
     tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
 
@@ -442,11 +532,6 @@ def import_hf_gpt2(input_dir, output_dir) -> Path:
             f"{source}: unexpected tensors for a GPT-2 of {L} layers (another architecture?): "
             + ", ".join(unexpected[:6])
             + (" ..." if len(unexpected) > 6 else "")
-        )
-    if tokenizer is not None and tokenizer.vocab_size > V:
-        raise ConvertError(
-            f"{input_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
-            f"only {V} embedding rows"
         )
 
     def get(name):
@@ -510,7 +595,8 @@ def import_hf_gpt2(input_dir, output_dir) -> Path:
             input_dir,
             " or ".join("/".join(p) for p in _GPT2_TOKENIZER_FILES),
         )
-    cfg = Config(model=model_cfg, tokenizer=TokenizerConfig(kind="gpt2", path=""))
+    kind = tokenizer.kind if tokenizer is not None else "gpt2"
+    cfg = Config(model=model_cfg, tokenizer=TokenizerConfig(kind=kind, path=""))
     record = tokenizer.to_record() if tokenizer is not None else None
     return _finish(cfg, params, record, output, source)
 
@@ -587,13 +673,14 @@ def _rope_tables(seq_len: int, head: int, theta: float = 10000.0) -> tuple[np.nd
     return np.cos(angle), np.sin(angle)
 
 
-def import_llama2c(model_bin, output_dir) -> Path:
+def import_llama2c(model_bin, output_dir, tokenizer=None) -> Path:
     """Import a llama2.c version-0 model.bin (Llama 2 architecture) as a gptjax checkpoint.
 
     The model: rmsnorm (eps 1e-5), interleaved-pair rope (theta 10000), grouped-query
     attention (query head h reads kv head h // (n_heads / n_kv_heads)), SwiGLU
     w2(silu(w1 x) * w3 x), no biases, a classifier tied unless vocab_size < 0.
-    The file has no tokenizer; the checkpoint works with token ids.
+    The file has no tokenizer: without `tokenizer` (a path for load_tokenizer_arg, e.g.
+    the model's SentencePiece .model) the checkpoint works with token ids only.
     """
     from gptjax.config import Config, ModelConfig, TokenizerConfig
 
@@ -602,6 +689,10 @@ def import_llama2c(model_bin, output_dir) -> Path:
     if not path.is_file():
         raise ConvertError(f"llama2.c model file {path} not found")
     h = _llama2c_header(path)
+    if tokenizer is not None:
+        where = f"--tokenizer {tokenizer} for {path}"
+        tokenizer = load_tokenizer_arg(tokenizer)
+        _check_tokenizer_fits(tokenizer, h["vocab_size"], where)
     layout = _llama2c_layout(h)
     n_floats = sum(math.prod(shape) for _, shape in layout)
     want, size = _LLAMA2C_HEADER + 4 * n_floats, path.stat().st_size
@@ -679,8 +770,10 @@ def import_llama2c(model_bin, output_dir) -> Path:
     if not h["shared_classifier"]:
         params["lm_head"] = _pad_rows(w["wcls"], v_pad).T
     # llama2.c models use a Llama SentencePiece vocabulary, kept in a separate file.
-    cfg = Config(model=model_cfg, tokenizer=TokenizerConfig(kind="sentencepiece", path=""))
-    return _finish(cfg, params, None, output, str(path))
+    kind = tokenizer.kind if tokenizer is not None else "sentencepiece"
+    cfg = Config(model=model_cfg, tokenizer=TokenizerConfig(kind=kind, path=""))
+    record = tokenizer.to_record() if tokenizer is not None else None
+    return _finish(cfg, params, record, output, str(path))
 
 
 # ----------------------------------------------------------------------------- export
@@ -718,6 +811,7 @@ def export_hf_gpt2(checkpoint, output_dir) -> Path:
     from gptjax.tokenizer import TokenizerError, tokenizer_from_record
 
     output = _check_output_dir(output_dir)
+    _safetensors_save_file()  # before any work: a missing package is said at once
     cfg_dict, params, record = load_params(checkpoint)
     try:
         m = config_lib.from_dict(cfg_dict).model
@@ -832,10 +926,21 @@ def _flatten(tree, prefix: str = "") -> dict:
     return out
 
 
+def _safetensors_save_file():
+    """safetensors.numpy.save_file, or a ConvertError saying how to get it."""
+    try:
+        from safetensors.numpy import save_file
+    except ImportError as e:
+        raise ConvertError(
+            f"exporting to hf-gpt2 writes model.safetensors and needs the safetensors package "
+            f"({e}); install it: python3 -m pip install safetensors"
+        ) from None
+    return save_file
+
+
 def _write_dir_atomically(output: Path, files: dict[str, bytes], tensors: dict) -> None:
     """Write files + model.safetensors into a temporary sibling, then rename it."""
-    from safetensors.numpy import save_file
-
+    save_file = _safetensors_save_file()
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir()
@@ -858,9 +963,16 @@ IMPORTERS = {"hf-gpt2": import_hf_gpt2, "llama2c": import_llama2c}
 EXPORTERS = {"hf-gpt2": export_hf_gpt2}
 
 
-def convert(from_format: str | None, to_format: str | None, input: str, output: str) -> Path:
-    """`--from FORMAT`: import INPUT (foreign) into a gptjax checkpoint at OUTPUT;
-    `--to FORMAT`: export the gptjax checkpoint INPUT to OUTPUT."""
+def convert(
+    from_format: str | None,
+    to_format: str | None,
+    input: str,
+    output: str,
+    tokenizer: str | None = None,
+) -> Path:
+    """`--from FORMAT`: import INPUT (foreign) into a gptjax checkpoint at OUTPUT, with
+    the tokenizer at `tokenizer` recorded when given; `--to FORMAT`: export the gptjax
+    checkpoint INPUT to OUTPUT."""
     if bool(from_format) == bool(to_format):
         raise ConvertError(
             "give exactly one of --from (import into gptjax: "
@@ -871,7 +983,11 @@ def convert(from_format: str | None, to_format: str | None, input: str, output: 
             raise ConvertError(
                 f"unknown --from format {from_format!r}: one of {', '.join(IMPORTERS)}"
             )
-        return IMPORTERS[from_format](input, output)
+        return IMPORTERS[from_format](input, output, tokenizer=tokenizer)
+    if tokenizer:
+        raise ConvertError(
+            "--tokenizer applies to imports (--from); an export writes the checkpoint's own"
+        )
     if to_format not in EXPORTERS:
         raise ConvertError(f"unknown --to format {to_format!r}: one of {', '.join(EXPORTERS)}")
     return EXPORTERS[to_format](input, output)

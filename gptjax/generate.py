@@ -3,7 +3,8 @@
 Prompts of different lengths are left-padded to a common length P, so every row writes
 slot P + i at decode step i; padding slots are masked out of attention and each row's
 positions start at 0 on its first real token. The loop (lax.while_loop) runs on the
-device until every row has stopped or max_new_tokens are out.
+device until every row has stopped or max_new_tokens are out. Under a mesh the same loop
+runs on parameters sharded as in training (`load` reads them straight onto it).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +29,44 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
+    """Sampling controls, checked on construction (a ValueError names the bad one)."""
+
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     max_new_tokens: int = 64
     stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1: off), got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+
+
+def check_request(cfg: ModelConfig, prompts: Sequence[Sequence[int]], sampling: Sampling) -> None:
+    """ValueError unless 1 <= max_new_tokens < the context, top_k fits the vocabulary
+    and every prompt id is a token id of the model, in [0, vocab_size)."""
+    if sampling.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {sampling.max_new_tokens}")
+    if sampling.max_new_tokens >= cfg.seq_len:
+        raise ValueError(
+            f"max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in "
+            f"the model's {cfg.seq_len}-token context"
+        )
+    if sampling.top_k > cfg.vocab_size:
+        raise ValueError(
+            f"top_k={sampling.top_k} is larger than the model's vocabulary of {cfg.vocab_size}"
+        )
+    for row, p in enumerate(prompts):
+        bad = [int(t) for t in p if not 0 <= int(t) < cfg.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt {row}: token ids {bad[:5]} are outside the model's vocabulary "
+                f"[0, {cfg.vocab_size})"
+            )
 
 
 def sample_logits(logits_BxV, key, s: Sampling):
@@ -130,13 +165,10 @@ def generate_ids(
     seed: int = 0,
 ) -> list[list[int]]:
     """New token ids for each prompt (stop ids excluded). Prompts longer than the
-    context allows are cut from the left, with a warning."""
+    context allows are cut from the left, with a warning. Under `jax.set_mesh` the
+    parameters may be sharded (fsdp/tensor): the same loop runs on the mesh."""
+    check_request(cfg, prompts, sampling)
     room = cfg.seq_len - sampling.max_new_tokens
-    if room < 1:
-        raise ValueError(
-            f"max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in "
-            f"the model's {cfg.seq_len}-token context"
-        )
     if any(len(p) > room for p in prompts):
         log.warning("prompt cut to its last %d tokens to fit the context", room)
         prompts = [list(p)[-room:] for p in prompts]
@@ -173,12 +205,105 @@ def sample_text(
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
     sampling = Sampling(
         temperature=temperature,
-        top_k=top_k,
+        top_k=min(top_k, cfg.vocab_size),
         max_new_tokens=min(max_new_tokens, cfg.seq_len - 1),
         stop_ids=(tokenizer.eos_id,),
     )
     [new] = generate_ids(graphdef, params, cfg, [ids], sampling, seed)
     return tokenizer.decode(new)
+
+
+def continuation_text(tokenizer, prompt: Sequence[int], new: Sequence[int]) -> str:
+    """Text of the new ids as they read after the prompt: decode(prompt + new) less the
+    prompt's text, so a SentencePiece word boundary at the seam keeps its space (decoding
+    the new ids alone would drop it); decode(new) where the prompt's text is no prefix."""
+    whole, head = tokenizer.decode(list(prompt) + list(new)), tokenizer.decode(list(prompt))
+    return whole[len(head) :] if whole.startswith(head) else tokenizer.decode(list(new))
+
+
+def cut_ids_at_stop(
+    decode: Callable[[list[int]], str], ids: Sequence[int], stop_sequences: Sequence[str]
+) -> list[int]:
+    """The ids whose text lies wholly before the first stop sequence in decode(ids) (all
+    of them when none occurs): the longest prefix whose decoded text is a prefix of
+    cut_at_stop's text. The token in which the stop sequence begins is dropped with
+    everything after it, so the kept ids decode to cut_at_stop's text whenever the stop
+    sequence begins on a token boundary (to a shorter prefix of it otherwise)."""
+    ids = [int(t) for t in ids]
+    text = decode(ids)
+    kept = cut_at_stop(text, stop_sequences)
+    if len(kept) == len(text):
+        return ids
+    n = 0
+    while n < len(ids) and kept.startswith(decode(ids[: n + 1])):
+        n += 1
+    return ids[:n]
+
+
+def make_mesh(text: str, devices=None):
+    """A jax Mesh from `data=D,fsdp=F,tensor=T` (the syntax of `gptjax plan --mesh`: axes
+    left out are 1, one may be -1 for the rest): on the first D*F*T devices, or on all of
+    them when an axis is -1. ValueError when the devices do not fit."""
+    from gptjax import sharding
+    from gptjax.plan import parse_mesh
+
+    mesh_cfg = parse_mesh(text)
+    sizes = (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+    if devices is None:
+        devices = jax.devices()
+        if -1 not in sizes and 0 < math.prod(sizes) <= len(devices):
+            devices = devices[: math.prod(sizes)]
+    try:
+        return sharding.make_mesh(mesh_cfg, devices)
+    except ValueError as e:
+        raise ValueError(f"--mesh {text!r}: {e}") from None
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A checkpoint ready to generate from: its model, parameters (on `mesh`, when one
+    is given, with the shardings training derives) and tokenizer (None when it has none)."""
+
+    cfg: ModelConfig
+    graphdef: object
+    params: object
+    tokenizer: object
+    mesh: object = None
+
+    def generate(self, prompts, sampling: Sampling, seed: int = 0) -> list[list[int]]:
+        if self.mesh is None:
+            return generate_ids(self.graphdef, self.params, self.cfg, prompts, sampling, seed)
+        with jax.set_mesh(self.mesh):
+            return generate_ids(self.graphdef, self.params, self.cfg, prompts, sampling, seed)
+
+
+def read_checkpoint_info(checkpoint) -> tuple[ModelConfig, object]:
+    """(model config, tokenizer or None) of a checkpoint, without reading its weights."""
+    from gptjax import config as config_lib
+    from gptjax.checkpoint import read_step_json, resolve
+    from gptjax.tokenizer import tokenizer_from_record
+
+    directory, step = resolve(checkpoint)
+    cfg = config_lib.from_dict(read_step_json(directory / str(step), "config")).model
+    record = read_step_json(directory / str(step), "tokenizer")
+    return cfg, tokenizer_from_record(record) if record else None
+
+
+def load(checkpoint, mesh=None, info=None) -> Loaded:
+    """Load a checkpoint (converted, or a training workdir's latest step) for generation.
+    With a mesh the parameters are read straight onto the shardings gptjax.sharding
+    derives for training (as gptjax.eval does), never as an unsharded copy first."""
+    from gptjax import sharding
+    from gptjax.checkpoint import abstract_with_shardings, load_params
+
+    cfg, tokenizer = info or read_checkpoint_info(checkpoint)
+    graphdef, abstract = model_lib.abstract_model(cfg)
+    abstract_params = None
+    if mesh is not None:
+        shardings = sharding.param_shardings(abstract, mesh)
+        abstract_params = abstract_with_shardings(nnx.to_pure_dict(abstract), shardings)
+    _, params, _ = load_params(checkpoint, abstract_params)
+    return Loaded(cfg, graphdef, params, tokenizer, mesh)
 
 
 def from_checkpoint(
@@ -188,26 +313,50 @@ def from_checkpoint(
     sampling: Sampling = Sampling(),
     seed: int = 0,
     stop_sequences: Sequence[str] = (),
+    mesh=None,
+    need_text: bool = False,
 ) -> tuple[list[list[int]], list[str] | None]:
-    """Generate from a checkpoint (converted, or a training workdir's latest step).
+    """Generate from a checkpoint (converted, or a training workdir's latest step),
+    optionally on a mesh (see `load`).
 
     Returns the new ids per prompt and, when the checkpoint has a tokenizer, their text
-    (cut at the first stop sequence)."""
-    from gptjax import config as config_lib
-    from gptjax.checkpoint import load_params
-    from gptjax.tokenizer import tokenizer_from_record
-
-    cfg_dict, params, record = load_params(checkpoint)
-    cfg = config_lib.from_dict(cfg_dict).model
-    tokenizer = tokenizer_from_record(record) if record else None
-    if prompts and tokenizer is None:
-        raise ValueError(f"{checkpoint} has no tokenizer: give --prompt-ids instead of --prompt")
+    (continuation_text). Stop sequences cut both: the text at the first stop sequence,
+    the ids before the token in which it begins (cut_ids_at_stop). Text prompts, stop
+    sequences and need_text (the caller prints text) need the checkpoint's tokenizer:
+    without one they are a ValueError, raised (like every check of the request) before
+    the weights are read."""
+    cfg, tokenizer = read_checkpoint_info(checkpoint)
+    stop_sequences = [s for s in stop_sequences if s]
+    if tokenizer is None:
+        if prompts:
+            raise ValueError(
+                f"{checkpoint} has no tokenizer: give --prompt-ids instead of --prompt"
+            )
+        if need_text:
+            raise ValueError(
+                f"{checkpoint} has no tokenizer, so its output cannot be decoded to text: "
+                "use --format ids"
+            )
+        if stop_sequences:
+            raise ValueError(
+                f"{checkpoint} has no tokenizer, so text stop sequences (--stop) cannot be "
+                "matched: give stop token ids (--stop-id)"
+            )
     ids = [tokenizer.encode(p) for p in prompts] if prompts else [list(p) for p in prompt_ids]
     if tokenizer is not None and not sampling.stop_ids:
         sampling = dataclasses.replace(sampling, stop_ids=(tokenizer.eos_id,))
-    graphdef, _ = model_lib.abstract_model(cfg)
-    new = generate_ids(graphdef, params, cfg, ids, sampling, seed)
-    texts = None
-    if tokenizer is not None:
-        texts = [cut_at_stop(tokenizer.decode(n), stop_sequences) for n in new]
-    return new, texts
+    check_request(cfg, ids, sampling)
+    loaded = load(checkpoint, mesh, info=(cfg, tokenizer))
+    new = loaded.generate(ids, sampling, seed)
+    if tokenizer is None:
+        return new, None
+    # The ids generate_ids saw (a prompt longer than the context was cut from the left).
+    room = cfg.seq_len - sampling.max_new_tokens
+    seen = [list(p)[-room:] for p in ids]
+    texts, cut = [], []
+    for p, n in zip(seen, new, strict=True):
+        texts.append(cut_at_stop(continuation_text(tokenizer, p, n), stop_sequences))
+        cut.append(
+            cut_ids_at_stop(functools.partial(continuation_text, tokenizer, p), n, stop_sequences)
+        )
+    return cut, texts

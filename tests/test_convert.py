@@ -18,8 +18,18 @@ from gptjax.checkpoint import load_params
 from gptjax.config import from_dict
 from gptjax.convert import ConvertError
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+# Only the tests of Hugging Face GPT-2 (and of pytorch_model.bin) need the reference
+# packages; llama2.c and the refusals of bad input need NumPy alone.
+
+
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch")
+
+
+@pytest.fixture
+def transformers(torch):
+    return pytest.importorskip("transformers")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -43,6 +53,8 @@ def gptjax_logits(ckpt, tokens_BxL):
 def random_gpt2(seed=0, **overrides):
     """A transformers GPT-2 with every parameter random (LayerNorms and biases too, so
     a misplaced bias or gain cannot hide), in eval mode."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
     kwargs = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=1000)
     kwargs.update(overrides)
     kwargs.setdefault("bos_token_id", kwargs["vocab_size"] - 1)
@@ -65,6 +77,7 @@ def random_gpt2(seed=0, **overrides):
 
 
 def hf_logits(model, tokens_BxL):
+    torch = pytest.importorskip("torch")
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(tokens_BxL), dtype=torch.long)).logits.numpy()
 
@@ -76,7 +89,7 @@ def random_tokens(vocab, batch=2, length=64, seed=0):
 # ----------------------------------------------------------------------------- HF GPT-2
 
 
-def test_hf_gpt2_safetensors_import_and_export_roundtrip(tmp_path):
+def test_hf_gpt2_safetensors_import_and_export_roundtrip(tmp_path, torch, transformers):
     hf = random_gpt2(seed=0)
     hf.save_pretrained(tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").is_file()
@@ -120,7 +133,7 @@ def test_hf_gpt2_safetensors_import_and_export_roundtrip(tmp_path):
         assert torch.equal(p, again.state_dict()[name]), name
 
 
-def test_hf_gpt2_pytorch_bin_hub_layout(tmp_path):
+def test_hf_gpt2_pytorch_bin_hub_layout(tmp_path, torch, transformers):
     """pytorch_model.bin as the Hub's gpt2 has it: no `transformer.` prefix, the causal-
     mask buffers stored, lm_head.weight present; non-default n_inner, epsilon,
     activation name and reorder_and_upcast_attn (same function, other precision order)."""
@@ -148,7 +161,7 @@ def test_hf_gpt2_pytorch_bin_hub_layout(tmp_path):
     assert cfg.model.ffn_dim == 96 and cfg.model.norm_eps == 1e-6
 
 
-def test_hf_gpt2_untied_head_imports_but_does_not_export(tmp_path):
+def test_hf_gpt2_untied_head_imports_but_does_not_export(tmp_path, torch, transformers):
     hf = random_gpt2(seed=2, tie_word_embeddings=False)
     assert not torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)
     hf.save_pretrained(tmp_path / "hf")
@@ -162,7 +175,7 @@ def test_hf_gpt2_untied_head_imports_but_does_not_export(tmp_path):
     assert not (tmp_path / "export").exists()
 
 
-def test_hf_gpt2_tokenizer_files_recorded_and_exported(tmp_path, shared_data):
+def test_hf_gpt2_tokenizer_files_recorded_and_exported(tmp_path, shared_data, torch, transformers):
     """GPT-2's real vocabulary: the HF names (vocab.json/merges.txt) are recorded, and
     the export writes them back for transformers' tokenizer."""
     from gptjax.config import TokenizerConfig
@@ -404,7 +417,7 @@ def test_llama2c_rope_tables_are_checked(tmp_path):
     assert_not_created(tmp_path / "out")
 
 
-def test_hf_gpt2_bad_directories(tmp_path):
+def test_hf_gpt2_bad_directories(tmp_path, torch, transformers):
     hf = random_gpt2(seed=4, n_layer=1, n_embd=32, n_head=2, n_positions=16, vocab_size=50)
     good = tmp_path / "good"
     hf.save_pretrained(good)
@@ -480,6 +493,108 @@ def test_convert_dispatch_errors(tmp_path):
         convert.convert(None, "llama2c", "a", "b")
 
 
+def test_truncated_legacy_pytorch_bin_is_reported_as_truncated(tmp_path, torch):
+    """A legacy (pre-zip) pytorch_model.bin cut short: truncation, wherever the cut
+    falls (inside a pickle, where torch's weights_only unpickler raises UnpicklingError,
+    or inside the tensor data), never "pickled objects other than tensors"."""
+    d = tmp_path / "hf"
+    d.mkdir()
+    config = dict(model_type="gpt2", n_layer=1, n_embd=8, n_head=2, n_positions=4, vocab_size=10)
+    (d / "config.json").write_text(json.dumps(config))
+    state = {"wte.weight": torch.randn(10, 8), "h.0.ln_1.bias": torch.randn(8)}
+    torch.save(state, tmp_path / "full.bin", _use_new_zipfile_serialization=False)
+    data = (tmp_path / "full.bin").read_bytes()
+    out = tmp_path / "out"
+    unpickling_errors = 0
+    for cut in [*range(1, 700, 7), len(data) // 2, len(data) - 1]:
+        (d / "pytorch_model.bin").write_bytes(data[:cut])
+        try:
+            torch.load(d / "pytorch_model.bin", weights_only=True)
+        except Exception as e:  # what torch itself says about this cut
+            unpickling_errors += type(e).__name__ == "UnpicklingError"
+        with pytest.raises(ConvertError) as e:
+            convert.import_hf_gpt2(d, out)
+        assert "truncated" in str(e.value) and "pickled objects" not in str(e.value), cut
+        assert_not_created(out)
+    assert unpickling_errors  # the misleading case is among the cuts
+    # A complete legacy file is read (and then refused for its missing GPT-2 tensors).
+    (d / "pytorch_model.bin").write_bytes(data)
+    with pytest.raises(ConvertError, match="missing 14 GPT-2 tensors"):
+        convert.import_hf_gpt2(d, out)
+
+
+def test_export_without_safetensors_is_a_clear_error(tmp_path, monkeypatch):
+    import jax
+
+    from gptjax import config as config_lib
+    from gptjax import model
+    from gptjax.checkpoint import save_params
+    from gptjax.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=50, seq_len=16, n_layer=1, d_model=16, n_head=2)
+    params = model.init_params(cfg, jax.random.key(0))
+    save_params(tmp_path / "ckpt", config_lib.to_dict(config_lib.Config(model=cfg)), params, None)
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
+    with pytest.raises(ConvertError, match="needs the safetensors package.*pip install"):
+        convert.export_hf_gpt2(tmp_path / "ckpt", tmp_path / "export")
+    assert_not_created(tmp_path / "export")
+
+
+def test_llama2c_with_a_tokenizer_generates_text(tmp_path, sp_model, capsys):
+    """`convert --tokenizer` records a SentencePiece model into a llama2.c checkpoint,
+    which then generates from text prompts; a tokenizer with more ids than the model
+    embeds is refused."""
+    from gptjax import cli
+    from gptjax.tokenizer import SentencePieceTokenizer, tokenizer_from_record
+
+    p = dict(LLAMA, vocab_size=512)  # the sp_model fixture's vocabulary
+    write_llama2c(tmp_path / "model.bin", llama2c_weights(0, p=p), p=p)
+    argv = ["convert", "--from", "llama2c", "--input", str(tmp_path / "model.bin"),
+            "--tokenizer", str(sp_model), "--output", str(tmp_path / "ckpt")]  # fmt: skip
+    assert cli.main(argv) == 0
+    cfg_dict, _, record = load_params(tmp_path / "ckpt")
+    tok = SentencePieceTokenizer(sp_model.read_bytes())
+    assert record == tok.to_record() and from_dict(cfg_dict).tokenizer.kind == "sentencepiece"
+    assert tokenizer_from_record(record).vocab_size == 512
+
+    gen = ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--temperature", "0",
+           "--max-new-tokens", "5"]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main([*gen, "--prompt-ids", ",".join(map(str, tok.encode("ROMEO:"))),
+                     "--format", "ids"]) == 0  # fmt: skip
+    new = [int(t) for t in capsys.readouterr().out.strip().split(",") if t]
+    assert cli.main([*gen, "--prompt", "ROMEO:"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == tok.decode(tok.encode("ROMEO:") + new)
+
+    # The 100-id model of LLAMA cannot take the 512-id tokenizer.
+    write_llama2c(tmp_path / "small.bin", llama2c_weights(0))
+    with pytest.raises(ConvertError, match="tokenizer has 512 ids but the model only 100"):
+        convert.import_llama2c(tmp_path / "small.bin", tmp_path / "out", tokenizer=sp_model)
+    assert_not_created(tmp_path / "out")
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    with pytest.raises(ConvertError, match="not a SentencePiece .model file"):
+        convert.import_llama2c(
+            tmp_path / "model.bin", tmp_path / "out", tokenizer=tmp_path / "junk.model"
+        )
+    with pytest.raises(ConvertError, match="not found"):
+        convert.import_llama2c(
+            tmp_path / "model.bin", tmp_path / "out", tokenizer=tmp_path / "nope"
+        )
+    with pytest.raises(ConvertError, match="--tokenizer applies to imports"):
+        convert.convert(None, "hf-gpt2", str(tmp_path / "ckpt"), str(tmp_path / "out"), sp_model)
+    assert_not_created(tmp_path / "out")
+
+
+def test_convert_tokenizer_directory_is_gpt2_bpe(tmp_path, shared_data):
+    write_llama2c(tmp_path / "model.bin", llama2c_weights(0))
+    with pytest.raises(ConvertError, match="tokenizer has 50257 ids but the model only 100"):
+        convert.import_llama2c(tmp_path / "model.bin", tmp_path / "out", shared_data / "gpt2_bpe")
+    with pytest.raises(ConvertError, match="GPT-2 BPE directory"):
+        convert.import_llama2c(tmp_path / "model.bin", tmp_path / "out", tokenizer=tmp_path)
+    assert_not_created(tmp_path / "out")
+
+
 def test_import_is_light():
     code = (
         "import sys, gptjax.convert; "
@@ -489,7 +604,9 @@ def test_import_is_light():
     assert out.stdout.strip() == "[]"
 
 
-def test_cli_convert_then_greedy_generation_matches_transformers(tmp_path, capsys):
+def test_cli_convert_then_greedy_generation_matches_transformers(
+    tmp_path, capsys, torch, transformers
+):
     """End to end through the commands: an imported GPT-2 greedily continues a prompt
     exactly as transformers' generate (use_cache=True) does."""
     from gptjax import cli
