@@ -315,6 +315,85 @@ def test_tfds_name_alone_reads_a_real_prepared_dataset(shared_data, tmp_path):
         tasks.resolve_task("hellaswag", tfds_data_dir=str(data_dir))  # not prepared there
 
 
+LAMBADA_DEV = [
+    "she put the kettle on and waited for the water to boil",
+    "he locked the door and put the key in his pocket",
+    "the children ran outside to play in the snow",
+]
+LAMBADA_TEST = [
+    "after the long walk the dog drank all of its water",
+    "the pilot checked the instruments before the flight",
+]
+
+
+def test_lambada_tfds_few_shot_pool_is_the_development_text(tmp_path):
+    """TFDS's own LAMBADA builder over the release's two text files: "train" is the
+    development text (the paper's few-shot pool), "test" the evaluation set; a passage
+    keeps its line's newline, which must not end up in the target word."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.datasets.lambada import lambada_dataset_builder
+
+    dev = _write(tmp_path / "lambada_development_plain_text.txt", LAMBADA_DEV)
+    test = _write(tmp_path / "lambada_test_plain_text.txt", LAMBADA_TEST)
+
+    class LocalLambada(lambada_dataset_builder.Builder, skip_registration=True):
+        name = "lambada"
+        __module__ = lambada_dataset_builder.__name__  # its metadata files live there
+
+        def _split_generators(self, dl_manager):
+            return [
+                tfds.core.SplitGenerator(name=tfds.Split.TRAIN, gen_kwargs={"filepath": str(dev)}),
+                tfds.core.SplitGenerator(name=tfds.Split.TEST, gen_kwargs={"filepath": str(test)}),
+            ]
+
+    data_dir = tmp_path / "tfds"
+    LocalLambada(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    task = tasks.resolve_task("lambada", tfds_data_dir=str(data_dir), tmp_dir=tmp_path)
+    assert task.source == "tfds:lambada/test" and task.fewshot_source == "tfds:lambada/train"
+
+    def key(e):
+        return e.context, e.target
+
+    want = sorted((t.rsplit(" ", 1)[0], t.rsplit(" ", 1)[1]) for t in LAMBADA_TEST)
+    assert sorted(map(key, task.examples)) == want  # "water", not "water\n"
+    assert sorted(e.demo() for e in task.fewshot_pool) == sorted(LAMBADA_DEV)
+    # The release's files by path: the development text beside the test file is the pool.
+    from_files = tasks.resolve_task(f"lambada={test}")
+    assert sorted(map(key, from_files.examples)) == want
+    assert from_files.fewshot_source == str(dev) and not from_files.fewshot_warning
+    assert [e.demo() for e in from_files.fewshot_pool] == LAMBADA_DEV
+
+
+def test_dev_set_few_shot_pools_and_the_fallback_warning(em, tmp_path, caplog):
+    """StoryCloze and LAMBADA draw demonstrations from their dev/validation files beside
+    the evaluated one (the paper's protocol); without one, the evaluated set itself is
+    used and that is warned about, in the log and in the results."""
+    header = "InputStoryid,InputSentence1,InputSentence2,InputSentence3,InputSentence4,RandomFifthSentenceQuiz1,RandomFifthSentenceQuiz2,AnswerRightEnding"
+    rows = [header] + [f"id{i},A{i}.,B.,C.,D.,Good end.,Bad end.,{1 + i % 2}" for i in range(4)]
+    val = _write(tmp_path / "cloze_test_val__spring2016.csv", rows)
+    test = _write(tmp_path / "cloze_test_test__spring2016.csv", rows[:3])
+    task = tasks.resolve_task(f"storycloze={test}")
+    assert task.fewshot_source == str(val) and len(task.fewshot_pool) == 4
+    # Evaluating the validation file itself: no other split beside it.
+    alone = tasks.resolve_task(f"storycloze={val}")
+    assert alone.fewshot_pool is None
+    assert "EVALUATION SET ITSELF" in alone.fewshot_warning
+    assert "--fewshot-from storycloze=" in alone.fewshot_warning
+    (tmp_path / "lambada").mkdir()
+    lam = _write(
+        tmp_path / "lambada" / "lambada_test.jsonl", [json.dumps({"text": LAMBADA_TEST[0]})]
+    )
+    assert "development/validation" in tasks.resolve_task(f"lambada={lam}").fewshot_warning
+    with caplog.at_level(logging.WARNING):
+        result, _ = harness.evaluate_task(em, alone, 1, harness.RunOptions())
+    assert "EVALUATION SET ITSELF" in caplog.text and "K=1" in caplog.text
+    assert result["fewshot_warning"] == alone.fewshot_warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # K=0 takes no demonstrations: nothing to say
+        result, _ = harness.evaluate_task(em, alone, 0, harness.RunOptions())
+    assert "EVALUATION SET ITSELF" not in caplog.text and result["fewshot_warning"] is None
+
+
 # ----------------------------------------------------------------------------- few-shot
 
 
@@ -353,17 +432,42 @@ def test_fewshot_k_clamped_to_fit_and_to_pool(caplog):
     assert [s.k for s in shots] == [5] * 6 and "larger than the few-shot pool" in caplog.text
 
 
-def test_fewshot_fits_n_ctx_and_records_k(em, shared_data):
-    task = tasks.resolve_task(
-        f"hellaswag={shared_data / 'hellaswag' / 'hellaswag_val_first200.txt'}"
-    )
-    task.examples = task.examples[:4]
-    result, samples = harness.evaluate_task(em, task, 8, harness.RunOptions())
-    assert result["k"] == 8 and result["k_used_max"] < 8  # 8 demos never fit 64 tokens
-    assert [s["k_used"] for s in samples] == [len(s["demo_ids"]) for s in samples]
-    for s in samples:
-        ctx = s["context"]
-        assert max(em.request_tokens(ctx, " " + c) for c in s["choices"]) <= N_CTX
+def test_fewshot_uses_the_largest_k_that_fits_n_ctx(em, tok, tmp_path):
+    """Examples of varied lengths at K=8 in a 64-token context: each gets the largest
+    number of its drawn demonstrations whose prompt still fits, counted here directly
+    from the tokens of every option's request."""
+    words = "the quick brown fox jumps over a lazy dog while seven tired owls watch".split() * 3
+    lengths = [1, 2, 1, 3, 1, 2, 24, 1, 2, 1, 36, 1, 2, 1, 12, 1]  # words per question
+    rows = [
+        {
+            "query": f"Q{i}: " + " ".join(words[:n]) + "?\nA:",
+            "choices": ["yes", "no"],
+            "gold": i % 2,
+        }
+        for i, n in enumerate(lengths)
+    ]
+    task = tasks.resolve_task(f"mc={_write(tmp_path / 'mc.jsonl', map(json.dumps, rows))}")
+    seed, k = 3, 8
+    result, samples = harness.evaluate_task(em, task, k, harness.RunOptions(seed=seed))
+
+    def prompt_tokens(prefix, ex):  # model input of the longest option: ctx + cont - 1
+        pairs = [encode_pair(tok, prefix + ex.context, " " + c) for c in ex.choices]
+        return max(len(c) + len(x) - 1 for c, x in pairs)
+
+    expected = []
+    for i, (ex, s) in enumerate(zip(task.examples, samples, strict=True)):
+        drawn = fewshot.draw(i, ex, task.examples, k, seed, same_pool=True)
+        assert len(drawn) == k and ex.doc_id not in [d.doc_id for d in drawn]
+        prefixes = ["".join(d.demo() + "\n\n" for d in drawn[:n]) for n in range(k + 1)]
+        fitting = [n for n in range(k + 1) if prompt_tokens(prefixes[n], ex) <= N_CTX]
+        best = max(fitting, default=0)
+        expected.append(best)
+        assert s["k_used"] == best, (i, s["k_used"], fitting)
+        assert s["demo_ids"] == [d.doc_id for d in drawn[:best]]
+        assert s["context"] == prefixes[best] + ex.context
+    assert len(set(expected)) >= 3 and 0 < max(expected) < k  # the limit really bites
+    assert (result["k_used"], result["k_used_max"]) == (min(expected), max(expected))
+    assert result["k_used_mean"] == pytest.approx(sum(expected) / len(expected))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -479,7 +583,16 @@ def test_bad_input_messages(tmp_path, shared_data, ckpt, capsys):
         == 2
     )
     assert "checkpoint not found" in capsys.readouterr().err
-    assert cli_main(["--checkpoint", str(ckpt), "--task", "piqa=x", "--shots", "0,a"]) == 2
+    piqa = f"piqa={shared_data / 'piqa' / 'valid_first200.jsonl'}"
+    assert cli_main(["--checkpoint", str(ckpt), "--task", piqa, "--shots", "0,a"]) == 2
+    assert "--shots '0,a': expected comma-separated integers" in capsys.readouterr().err
+    # A misspelled --fewshot-from name would silently be ignored: an error naming the tasks.
+    argv = ["--checkpoint", str(ckpt), "--task", piqa, "--task", f"rte={shared_data / 'rte' / 'val.jsonl'}",
+            "--shots", "1", "--fewshot-from", f"pika={shared_data / 'piqa' / 'valid_first200.jsonl'}"]  # fmt: skip
+    assert cli_main(argv) == 2
+    assert "--fewshot-from pika=...: no --task is named 'pika'; the task names are: piqa, rte" in (
+        capsys.readouterr().err
+    )
 
 
 def test_import_is_light():

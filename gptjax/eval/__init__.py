@@ -95,6 +95,13 @@ def cli_main(argv: list[str] | None = None) -> int:
         fewshot_from = dict(parse_task_arg(x) for x in args.fewshot_from)
         if any(v is None for v in fewshot_from.values()):
             raise ValueError("--fewshot-from expects NAME=PATH")
+        task_names = list(dict.fromkeys(parse_task_arg(t)[0] for t in args.task))
+        for name in fewshot_from:
+            if name not in task_names:  # a misspelling would silently be ignored
+                raise ValueError(
+                    f"--fewshot-from {name}=...: no --task is named {name!r}; "
+                    f"the task names are: {', '.join(task_names)}"
+                )
         if args.limit is not None and args.limit <= 0:
             raise ValueError("--limit must be positive")
         if args.batch_size <= 0:

@@ -147,6 +147,8 @@ def evaluate_task(
     if not examples:
         raise ValueError(f"task {task.name} has no examples")
     kind = examples[0].kind
+    if k and kind != "rolling" and task.fewshot_pool is None and task.fewshot_warning:
+        log.warning("%s (K=%d)", task.fewshot_warning, k)
     shots = fewshot.build(
         examples,
         k,
@@ -177,6 +179,7 @@ def evaluate_task(
         "primary": task.primary,
         "metrics": stats,
         "fewshot_source": task.fewshot_source if k else None,
+        "fewshot_warning": (task.fewshot_warning or None) if k and kind != "rolling" else None,
         "source": task.source,
         "seconds": round(seconds, 3),
         "examples_per_s": round(len(examples) / seconds, 3) if seconds > 0 else None,

@@ -16,8 +16,10 @@ HellaSwag that is 1 context + 4 endings of work per question instead of lm-eval'
 4 x (context + ending), and the vocabulary projection runs on continuation tokens only.
 
 Shapes are bucketed so compiles are few: context and continuation lengths to
-{8, 12, 16, 24, 32, 48, ...} (powers of two and 1.5x), rows to powers of two (and to a
-multiple of the batch shards). Padding never changes a number: contexts are left-padded
+{8, 16, 32, 64, 96, 128, 192, 256, 384, ...} (powers of two, with 1.5x steps from 64 on;
+`length_bucket`), rows to powers of two (and to a multiple of the batch shards), and the
+number of scored positions to the same buckets from 64 on, in multiples of 64 (the LM-head
+block) and of the batch shards. Padding never changes a number: contexts are left-padded
 with the padding slots masked out of attention, continuations right-padded behind the
 causal mask, and padded rows are discarded.
 

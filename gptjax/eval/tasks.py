@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import fnmatch
 import json
 import logging
 import re
@@ -279,12 +280,15 @@ def load_piqa(path: Path) -> list[Example]:
 
 
 def load_lambada(path: Path) -> list[Example]:
-    """OpenAI's lambada_test.jsonl {"text"} (or plain text, one passage a line): predict
-    the last word. lm-eval's lambada_openai prompt."""
+    """OpenAI's lambada_test.jsonl {"text"} (or plain text, one passage a line, as the
+    original release's lambada_{development,test}_plain_text.txt): predict the last word.
+    lm-eval's lambada_openai prompt: context and target joined by one space. Few-shot
+    demonstrations have the same shape (the GPT-3 paper's fill-in-the-blank few-shot
+    format is not implemented; see docs/eval.md)."""
     path = _check_file(path)
-    if path.suffix.lower() == ".txt":
+    if path.suffix.lower() == ".txt":  # the original release's *_plain_text.txt files
         rows = [
-            (n, {"text": t})
+            (n, {"text": t.rstrip("\r")})
             for n, t in enumerate(path.read_text("utf-8").split("\n"), 1)
             if t.strip()
         ]
@@ -548,13 +552,21 @@ class TaskInfo:
     fewshot_siblings: tuple[str, ...] = ()  # training-split files beside the eval file
     tfds: tuple[str, str, str] | None = None  # (dataset, eval split, few-shot split)
     about: str = ""
+    # No training split: the GPT-3 paper drew demonstrations from the dev set (LAMBADA,
+    # StoryCloze); falling back to the evaluated set itself is warned about loudly.
+    dev_pool: bool = False
 
 
 TASKS: dict[str, TaskInfo] = {
     t.name: t
     for t in (
-        TaskInfo("lambada", load_lambada, "acc", (), ("lambada", "test", "dev"),
-                 "OpenAI lambada_test.jsonl; few-shot from the same file (no training split)"),
+        TaskInfo("lambada", load_lambada, "acc",
+                 ("lambada_development*.jsonl", "lambada_development*.txt", "lambada_dev*.jsonl",
+                  "lambada_val*.jsonl"),
+                 ("lambada", "test", "train"),  # TFDS's "train" is the development text
+                 "OpenAI lambada_test.jsonl; few-shot from the development set beside it "
+                 "(lambada_development*) or --fewshot-from lambada=DEV, as the paper did",
+                 dev_pool=True),
         TaskInfo("hellaswag", load_hellaswag, "acc_norm",
                  ("hellaswag_train.jsonl", "hellaswag_train*.txt"), ("hellaswag", "validation", "train"),
                  "hellaswag_*.jsonl or the 6-line text export"),
@@ -571,8 +583,10 @@ TASKS: dict[str, TaskInfo] = {
                  "SuperGLUE COPA jsonl"),
         TaskInfo("boolq", load_boolq, "acc", ("train.jsonl",), ("super_glue/boolq", "validation", "train"),
                  "SuperGLUE BoolQ jsonl"),
-        TaskInfo("storycloze", load_storycloze, "acc", (), ("story_cloze/2016", "test", "validation"),
-                 "StoryCloze csv; give --fewshot-from storycloze=<dev csv> as the paper did"),
+        TaskInfo("storycloze", load_storycloze, "acc", ("cloze_test_val*.csv",),
+                 ("story_cloze/2016", "test", "validation"),
+                 "StoryCloze csv; few-shot from the validation csv beside it (cloze_test_val*) "
+                 "or --fewshot-from storycloze=VAL_CSV, as the paper did", dev_pool=True),
         TaskInfo("sst2", load_sst2, "acc", ("stsa.binary.train", "train.tsv", "train.jsonl"),
                  ("glue/sst2", "validation", "train"), "GLUE dev.tsv or stsa.binary.*"),
         TaskInfo("rte", load_rte, "acc", ("train.jsonl",), ("super_glue/rte", "validation", "train"),
@@ -737,6 +751,7 @@ class Task:
     fewshot_pool: list[Example] | None = None  # None: draw from `examples` (never itself)
     fewshot_source: str = ""
     source: str = ""
+    fewshot_warning: str = ""  # logged when K > 0 draws from the evaluated set itself
 
 
 def _tfds_records(dataset: str, split: str, data_dir: str | None) -> list[dict]:
@@ -786,8 +801,8 @@ def _from_tfds_record(name: str, doc: dict) -> dict:
         return {**sentences, "RandomFifthSentenceQuiz1": doc["endings"][0],
                 "RandomFifthSentenceQuiz2": doc["endings"][1],
                 "AnswerRightEnding": str(doc["label"])}  # fmt: skip
-    if name == "lambada":
-        return {"text": doc["passage"]}
+    if name == "lambada":  # each passage is a line of the release's text file, "\n" kept
+        return {"text": doc["passage"].rstrip("\r\n")}
     return doc
 
 
@@ -807,7 +822,12 @@ def _load_tfds(info: TaskInfo, split: str, data_dir: str | None, tmp_dir: Path) 
 
 
 def _sibling(path: Path, patterns: tuple[str, ...]) -> Path | None:
+    """The first file beside `path` matching one of the few-shot split's patterns. A
+    pattern the evaluated file matches itself names its own split (e.g. evaluating on
+    cloze_test_val*), so it does not point at another split and is skipped."""
     for pattern in patterns:
+        if fnmatch.fnmatch(path.name, pattern):
+            continue
         for candidate in sorted(path.parent.glob(pattern)):
             if candidate.resolve() != path.resolve() and candidate.is_file():
                 return candidate
@@ -833,6 +853,7 @@ def resolve_task(
     name, path = parse_task_arg(arg)
     fewshot_from = fewshot_from or {}
     definition = None
+    missing = ""  # why there is no few-shot split, when there is none
     if path and Path(path).suffix.lower() in (".yaml", ".yml", ".json") and name not in TASKS:
         definition = TaskDefinition.read(Path(path))
     elif name not in TASKS:
@@ -848,6 +869,13 @@ def resolve_task(
         if pool_path:
             task.fewshot_pool = definition.load(Path(pool_path))
             task.fewshot_source = str(pool_path)
+        else:
+            task.fewshot_source = f"{path} (the example itself excluded)"
+            task.fewshot_warning = (
+                f"{name}: few-shot demonstrations are drawn from the EVALUATION SET ITSELF "
+                f"(each example excluded): {path} has no fewshot_data; give it one or "
+                f"--fewshot-from {name}=FILE"
+            )
         return task
 
     info = TASKS[name]
@@ -871,7 +899,7 @@ def resolve_task(
                 task.fewshot_pool = _load_tfds(info, fs_split, tfds_data_dir, tmp)
                 task.fewshot_source = f"tfds:{dataset}/{fs_split}"
             except EvalInputError as e:
-                log.warning("%s: no few-shot split (%s); drawing from the eval split", name, e)
+                missing = f"TFDS split {dataset}/{fs_split} could not be read: {e}"
     else:
         task = Task(name, info.load(Path(path)), info.primary, source=str(path))
         if name not in fewshot_from:
@@ -884,4 +912,25 @@ def resolve_task(
         task.fewshot_source = fewshot_from[name]
     if task.fewshot_pool is None:
         task.fewshot_source = f"{task.source} (the example itself excluded)"
+        task.fewshot_warning = _fallback_warning(info, path, missing)
+    elif task.fewshot_source:
+        log.info("%s: few-shot demonstrations from %s", name, task.fewshot_source)
     return task
+
+
+def _fallback_warning(info: TaskInfo, path: str | None, missing: str = "") -> str:
+    """What to say when demonstrations come from the evaluated set itself."""
+    if missing:
+        where = missing
+    elif info.fewshot_siblings:
+        where = "no " + " / ".join(info.fewshot_siblings) + f" beside {path}"
+    else:
+        where = "no training split is known for this format"
+    split = "development/validation" if info.dev_pool else "training"
+    msg = (
+        f"{info.name}: few-shot demonstrations are drawn from the EVALUATION SET ITSELF "
+        f"(each example excluded), not from a {split} split ({where})"
+    )
+    if info.dev_pool:
+        msg += f"; the GPT-3 paper drew {info.name}'s demonstrations from its {split} set"
+    return msg + f"; give --fewshot-from {info.name}=FILE to draw them from another file"
