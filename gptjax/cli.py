@@ -140,7 +140,9 @@ def _sweep(args, overrides) -> int:
 
     from gptjax import config as config_lib
     from gptjax import sweep as sweep_lib
+    from gptjax.checkpoint import CheckpointError
     from gptjax.data import DataError
+    from gptjax.tokenizer import TokenizerError
 
     items = [f"{k[len('sweep_') :]}={v}" for k, v in vars(args).items() if k.startswith("sweep_")]
     out = args.out or f"runs/sweep_{args.config.rsplit('/', 1)[-1].removesuffix('.py')}"
@@ -172,7 +174,7 @@ def _sweep(args, overrides) -> int:
         else:
             print(f"{len(sweep.runs)} runs; --run trains them here, --print-commands prints them")
             return 0
-    except (config_lib.ConfigError, DataError) as e:
+    except (config_lib.ConfigError, DataError, CheckpointError, TokenizerError) as e:
         print(f"gptjax: {e}", file=sys.stderr)
         return 2
     print(sweep_lib.format_table(rows))
@@ -273,6 +275,7 @@ def _plan(args, overrides) -> int:
 
 
 def _finetune(args, overrides) -> int:
+    from gptjax import distributed
     from gptjax.config import ConfigError
 
     try:
@@ -281,6 +284,8 @@ def _finetune(args, overrides) -> int:
         if args.init_from:
             overrides = [*overrides, f"finetune.init_from={args.init_from}"]
         cfg = ft.load_config(args.config, overrides)
+        # Before anything touches a JAX backend: one process of several, or alone.
+        distributed.initialize(cfg.distributed)
     except ConfigError as e:
         print(f"gptjax: config error: {e}", file=sys.stderr)
         return 2
@@ -293,15 +298,22 @@ def _finetune(args, overrides) -> int:
         results = ft.finetune(cfg, args.workdir)
     except (ConfigError, CheckpointError, FinetuneDataError, TokenizerError) as e:
         print(f"gptjax: {e}", file=sys.stderr)
-        return 2
+        return distributed.leave(2)  # perhaps this process alone: do not wait for the others
     except NonFiniteLoss as e:
         print(f"gptjax: {e}", file=sys.stderr)
         return 3
     except Preempted as e:
         print(f"gptjax: {e}", file=sys.stderr)
         return 143
-    dev = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k.startswith("dev_"))
-    print(f"best epoch {results['best_epoch']}: {dev}; wrote {args.workdir}/results.json")
+    except Exception as e:
+        if distributed.is_multiprocess():  # do not wait for the others at exit: they are stuck
+            distributed.exit_now(e)
+        raise
+    import jax
+
+    if jax.process_index() == 0:
+        dev = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k.startswith("dev_"))
+        print(f"best epoch {results['best_epoch']}: {dev}; wrote {args.workdir}/results.json")
     return 0
 
 
@@ -310,10 +322,11 @@ def _predict(args, _overrides) -> int:
     from gptjax.config import ConfigError
     from gptjax.finetune import predict
     from gptjax.finetune_data import FinetuneDataError
+    from gptjax.tokenizer import TokenizerError
 
     try:
         summary = predict(args.checkpoint, args.task, args.output, args.batch_size)
-    except (ConfigError, CheckpointError, FinetuneDataError) as e:
+    except (ConfigError, CheckpointError, FinetuneDataError, TokenizerError) as e:
         print(f"gptjax: {e}", file=sys.stderr)
         return 2
     print(" ".join(f"{k}={v}" for k, v in summary.items()), f"-> {args.output}")

@@ -41,12 +41,14 @@ from gptjax.checkpoint import (
     abstract_with_shardings,
     checkpoint_dir,
     load_params,
+    read_step_json,
     resolve,
 )
 from gptjax.config import (
     CheckpointConfig,
     Config,
     ConfigError,
+    DistributedConfig,
     MeshConfig,
     ModelConfig,
     OptimConfig,
@@ -125,6 +127,8 @@ class FinetuneConfig:
     )  # fmt: skip
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig(every_steps=500, keep=2)
+    # Several processes (launch/): `gptjax finetune` joins them as `gptjax train` does.
+    distributed: DistributedConfig = DistributedConfig()
 
 
 RUNTIME_FIELDS = ("dropout", "attn_dropout", "compute_dtype", "remat", "attention_impl")
@@ -340,14 +344,6 @@ def state_shardings(model_cfg: ModelConfig, spec: TaskSpec, mesh, tx):
     return graphdef, abstract, shardings
 
 
-def _read_json(step_dir: Path, item: str) -> dict:
-    import orbax.checkpoint as ocp
-
-    if not (step_dir / item).exists():
-        return {}
-    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / item)
-
-
 def _init_source(cfg: FinetuneConfig):
     """(tokenizer, pretrained ModelConfig or None): from the init checkpoint, else from
     the config (a random init needs model and tokenizer there)."""
@@ -365,7 +361,7 @@ def _init_source(cfg: FinetuneConfig):
         base = dataclasses.replace(m, vocab_size=m.vocab_size or tokenizer.vocab_size)
         return tokenizer, base
     directory, step = resolve(f.init_from)
-    stored = _read_json(directory / str(step), "config")
+    stored = read_step_json(directory / str(step), "config")
     try:
         base = config_lib.from_dict(stored).model
     except ConfigError as e:
@@ -373,7 +369,7 @@ def _init_source(cfg: FinetuneConfig):
             f"{f.init_from} is not a pretraining or converted gptjax checkpoint ({e})"
         ) from None
     check_architecture(cfg.model, base, f.init_from)
-    record = _read_json(directory / str(step), "tokenizer")
+    record = read_step_json(directory / str(step), "tokenizer")
     if record:
         tokenizer = tokenizer_from_record(record)
     elif cfg.tokenizer.path:
@@ -449,7 +445,7 @@ def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dic
     resuming = bool(ckpt.steps())
     base_cfg = None
     if resuming:  # the run's own model (vocabulary included) and tokenizer
-        stored, record = ckpt.read_json(ckpt.steps()[-1])
+        _, stored, record = ckpt.read_latest_json()
         model_cfg = config_lib.from_dict(stored, FinetuneConfig).model
         tokenizer = tokenizer_from_record(record)
     else:
@@ -463,7 +459,10 @@ def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dic
     train_data = _load_split(cfg, spec, "train", tokenizer, sp, n_ctx)
     dev_data = _load_split(cfg, spec, "dev", tokenizer, sp, n_ctx)
 
-    mesh = sharding.make_mesh(cfg.mesh)
+    try:
+        mesh = sharding.make_mesh(cfg.mesh)
+    except ValueError as e:  # a mesh that does not fit the devices
+        raise ConfigError(f"mesh: {e}") from None
     n_proc, shards = jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"]
     if f.batch_size % shards or f.batch_size % n_proc:
         raise ConfigError(
@@ -487,7 +486,9 @@ def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dic
             "extract": sharding.batch_sharding(mesh, 2),
             "label": sharding.batch_sharding(mesh, 1),
         }
-        train_iter = ExampleBatches(ExampleSource(train_data, "train"), f.batch_size, f.seed)
+        train_iter = ExampleBatches(
+            ExampleSource(train_data, "train"), f.batch_size, f.seed, bucket=f.length_bucket
+        )
         if resuming:
             start, state, _, _ = ckpt.restore(
                 abstract_with_shardings(abstract, state_sh),
@@ -538,7 +539,7 @@ def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dic
         with _SigtermFlag() as sigterm:
             try:
                 for step in range(start, total):
-                    local = trim(next(train_iter), f.length_bucket)
+                    local = next(train_iter)  # cut to the global batch's longest sequence
                     batch = {
                         k: jax.make_array_from_process_local_data(batch_sh[k], v)
                         for k, v in local.items()
@@ -636,7 +637,7 @@ def predict(checkpoint, task: str, output, batch_size: int = 32) -> dict:
         checkpoint = checkpoint / "best"
     directory, step = resolve(checkpoint)
     try:
-        cfg = config_lib.from_dict(_read_json(directory / str(step), "config"), FinetuneConfig)
+        cfg = config_lib.from_dict(read_step_json(directory / str(step), "config"), FinetuneConfig)
     except ConfigError as e:
         raise CheckpointError(f"{checkpoint} is not a fine-tuned checkpoint ({e})") from None
     if cfg.task.name != name:

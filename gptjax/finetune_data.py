@@ -343,12 +343,31 @@ assert set(TASKS) == set(TaskName.__args__)
 
 
 def _fit(lengths: list[int], budget: int) -> list[int]:
-    """Shorten the longest segment, one token at a time, until the total fits."""
+    """The lengths after shortening the longest segment (the first of equals), one token
+    at a time, until the total fits the budget (>= 0), computed without that loop.
+
+    The loop caps every segment at a level: it passes through "all capped at T + 1",
+    T the highest level whose cap fits, then takes one more token from each of the
+    first r segments at T + 1 (in order), r the tokens still over the budget."""
     lengths = list(lengths)
-    while sum(lengths) > budget:
-        i = int(np.argmax(lengths))
-        lengths[i] -= 1
-    return lengths
+    if sum(lengths) <= budget:
+        return lengths
+
+    def capped(level: int) -> int:
+        return sum(min(n, level) for n in lengths)
+
+    lo, hi = 0, max(lengths)  # capped(lo) <= budget < capped(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if capped(mid) <= budget else (lo, mid)
+    over = capped(lo + 1) - budget  # tokens to take from the segments at level lo + 1
+    out = []
+    for n in lengths:
+        if n > lo:
+            n = lo + 1 if over <= 0 else lo
+            over -= 1
+        out.append(n)
+    return out
 
 
 def layout(
@@ -475,20 +494,37 @@ def batch_at(source: ExampleSource, indices: Sequence[int]) -> dict:
 class ExampleBatches(TrainBatches):
     """Endless shuffled training batches of ExampleSource records (dicts of arrays):
     pretraining's TrainBatches (this process's rows of each global batch, a new order
-    each epoch, a resumable position), stacking dict records."""
+    each epoch, a resumable position), stacking dict records.
+
+    bucket > 0: each batch is cut as `trim` cuts it, to the longest sequence of the
+    whole global batch, so that every process's rows have the same length."""
+
+    def __init__(self, source: ExampleSource, global_batch: int, seed: int, bucket: int = 0):
+        super().__init__(source, global_batch, seed)
+        self.bucket = bucket
 
     def __next__(self) -> dict:
-        start = self.position + self.first_row
+        first = self.position
+        start = first + self.first_row
         batch = _stack([self._stream[start + j] for j in range(self.rows)])
         self.position += self.global_batch
-        return batch
+        if not self.bucket:
+            return batch
+        longest = None  # one process: its rows are the global batch
+        if self.rows != self.global_batch:
+            longest = max(
+                int(self._stream[first + j]["extract"].max()) + 1 for j in range(self.global_batch)
+            )
+        return trim(batch, self.bucket, longest)
 
 
-def trim(batch: dict, bucket: int) -> dict:
-    """Cut the padding columns of a batch to the longest sequence, rounded up to a
-    multiple of `bucket` (so only a few shapes are ever compiled)."""
+def trim(batch: dict, bucket: int, longest: int | None = None) -> dict:
+    """Cut the padding columns of a batch to the longest sequence (or to `longest`
+    tokens), rounded up to a multiple of `bucket` (so only a few shapes are ever
+    compiled)."""
     n_ctx = batch["tokens"].shape[-1]
-    longest = int(batch["extract"].max()) + 1
+    if longest is None:
+        longest = int(batch["extract"].max()) + 1
     length = min(n_ctx, bucket * math.ceil(longest / bucket))
     return {**batch, "tokens": batch["tokens"][..., :length]}
 

@@ -20,6 +20,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -387,19 +388,40 @@ def plot(points: Points, fit3: dict, fit2: dict | None, cost, out: Path) -> list
 
 
 def _save(fig, path: Path) -> Path:
+    """The figure as a PNG, written to a temporary name and renamed."""
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=80, format="png")
+    finally:
+        plt.close(fig)
+    os.replace(tmp, path)
     return path
 
 
 # ----------------------------------------------------------------------------- command
 
 
-def fit_all(points: Points, budget: float | None = None, samples: int = 200, seed: int = 0) -> dict:
+def default_budget(points: Points) -> tuple[float, str]:
+    """(C, where it comes from) when none is given: the largest isoFLOP budget of the
+    runs, else the largest run's C; (0, ...) when the runs carry no FLOP counts."""
+    if np.any(points.budget > 0):
+        return float(points.budget.max()), "the largest isoFLOP budget of the runs"
+    if np.any(points.c > 0):
+        return float(points.c.max()), "the largest run's C"
+    return 0.0, "no run has a FLOP count"
+
+
+def fit_all(
+    points: Points,
+    budget: float | None = None,
+    samples: int = 200,
+    seed: int = 0,
+    budget_source: str = "given",
+) -> dict:
     fit3 = fit_approach3(points)
     fit2 = fit_approach2(points)
     cost = cost_model(points)
@@ -413,7 +435,11 @@ def fit_all(points: Points, budget: float | None = None, samples: int = 200, see
         "bootstrap": {k: summarize(v) for k, v in draws.items() if v},
     }
     if budget:
-        result["budget"] = {"C": budget, "approach3": optimum3(fit3, budget, cost)}
+        result["budget"] = {
+            "C": budget,
+            "source": budget_source,
+            "approach3": optimum3(fit3, budget, cost),
+        }
         if fit2 is not None:
             result["budget"]["approach2"] = {
                 "N": fit2["n0"] * budget ** fit2["a"],
@@ -460,9 +486,11 @@ def format_report(result: dict) -> str:
         bd = result["budget"]
         o3 = bd["approach3"]
         cm = result["cost_model"]
+        given = bd.get("source", "given") == "given"
+        source = "" if given else f"{bd['source']}; --budget for another; "
         lines.append(
             f"compute-optimal at C = {bd['C']:.3g} FLOPs "
-            f"(C = {cm['k0']:.3g} N^{cm['gamma']:.3f} D from the runs):"
+            f"({source}C = {cm['k0']:.3g} N^{cm['gamma']:.3f} D from the runs):"
         )
         lines.append(
             f"  approach 3: N = {pm('N_opt3', o3['N'], '{:,.0f}')}, "
@@ -477,6 +505,18 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def json_safe(obj):
+    """`obj` with every NaN or infinite float replaced by None (JSON null): strict JSON,
+    e.g. a bootstrap std of a single sample."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
 def main(
     results: str,
     budget: float | None = None,
@@ -485,15 +525,24 @@ def main(
     bootstrap: int = 200,
     seed: int = 0,
 ) -> dict:
-    """`gptjax scaling fit`: fit, print, write fit.json and the PNGs."""
+    """`gptjax scaling fit`: fit, print, write fit.json and the PNGs.
+
+    budget None: the compute-optimal N and D are given for default_budget's C."""
     path = Path(results)
     points = read_results(path, params)
-    result = fit_all(points, budget, bootstrap, seed)
+    source = "given"
+    if budget is None:
+        budget, source = default_budget(points)
+        if not budget:
+            print(f"no compute budget: {source} (--budget C gives one)")
+    result = fit_all(points, budget, bootstrap, seed, budget_source=source)
     result["params_column"] = params
     out_dir = Path(out) if out else (path if path.is_dir() else path.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(format_report(result))
-    (out_dir / "fit.json").write_text(json.dumps(result, indent=2) + "\n")
+    tmp = out_dir / ".fit.json.tmp"
+    tmp.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, out_dir / "fit.json")
     pngs = plot(points, result["approach3"], result["approach2"], cost_model(points), out_dir)
     print(f"wrote {out_dir / 'fit.json'}, " + ", ".join(str(p) for p in pngs))
     return result

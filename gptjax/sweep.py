@@ -22,6 +22,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
 import re
 import sys
 import typing
@@ -317,19 +318,34 @@ def tokenizer_vocab(config_path: str, overrides: Sequence[str]) -> int:
 RUN_RECORD = "sweep_run.json"
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name beside `path`, then rename: readers (and a sweep
+    interrupted mid-write) see the old file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _check_record(sweep: Sweep, run: Run) -> None:
     """A workdir belongs to one run spec; reusing OUT for a different sweep is an error."""
     path = sweep.workdir(run) / RUN_RECORD
     spec = {"config": sweep.config_path, "overrides": [*sweep.base_overrides, *run.overrides]}
     if path.is_file():
-        if json.loads(path.read_text()) != spec:
+        try:
+            stored = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(
+                f"{path} is damaged ({e}); delete it if that run directory belongs to this "
+                f"sweep's {run.name} (or delete the run directory, or use another --out)"
+            ) from None
+        if stored != spec:
             raise ConfigError(
                 f"{path.parent} holds a run with other settings than this sweep's {run.name}; "
                 "use another --out (or delete that run directory)"
             )
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(spec, indent=2) + "\n")
+    _write_atomic(path, json.dumps(spec, indent=2) + "\n")
 
 
 def result_of(sweep: Sweep, run: Run) -> dict | None:
@@ -364,7 +380,7 @@ def run_all(sweep: Sweep) -> list[dict]:
             train.train(sweep.config(run), sweep.workdir(run))
         except train.NonFiniteLoss as e:
             print(f"{run.name}: diverged ({e})", flush=True)
-            (sweep.workdir(run) / "diverged").write_text(str(e) + "\n")
+            _write_atomic(sweep.workdir(run) / "diverged", str(e) + "\n")
         write_results(sweep)
     return write_results(sweep)
 
@@ -445,6 +461,21 @@ def format_plan(sweep: Sweep) -> str:
     return format_table(rows)
 
 
+def single_process(cfg: Config) -> None:
+    """Refuse to be one of several processes (coordinates from the config or the
+    environment, as launch/local.sh gives them): each process would run the whole sweep
+    alone, all at once in the same directories. A sweep's runs go multi-process as its
+    printed `gptjax train` commands, each started with a launcher."""
+    from gptjax.distributed import explicit_args
+
+    n = explicit_args(cfg.distributed).get("num_processes", 1)
+    if n > 1:
+        raise ConfigError(
+            f"gptjax sweep runs as a single process, not as one of {n}: give --print-commands "
+            "and start each `gptjax train` command with a launcher (launch/README.md)"
+        )
+
+
 def make(
     config_path: str,
     base_overrides: Sequence[str],
@@ -458,7 +489,7 @@ def make(
     """The sweep of the command line: rule, shared tokenizer/cache, then the plan."""
     out = Path(out)
     rule = load_sweep_config(config_path, sweep_items)
-    config_lib.load(config_path, base_overrides)  # fail on bad overrides before any work
+    single_process(config_lib.load(config_path, base_overrides))  # and fail on bad overrides
     base_overrides = [*base_overrides, *shared_overrides(config_path, base_overrides, out)]
     cfg = config_lib.load(config_path, base_overrides)
     vocab = cfg.model.vocab_size or tokenizer_vocab(config_path, base_overrides)

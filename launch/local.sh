@@ -5,7 +5,8 @@
 #   launch/local.sh N <gptjax subcommand and its args>
 #   launch/local.sh 2 train --config configs/quickstart.py --workdir runs/x
 #
-# Each process gets XLA_FLAGS as given (default: 4 CPU devices per process), the same
+# Each process gets XLA_FLAGS as given, with --xla_force_host_platform_device_count=4
+# added when they set no device count (4 CPU devices per process), the same
 # free coordinator port on 127.0.0.1, and its JAX_PROCESS_ID; its output is prefixed
 # with "[i] ". If any process fails the others are stopped (SIGTERM, then SIGKILL after
 # LOCAL_KILL_GRACE seconds, default 10) and this script exits with the failing status.
@@ -23,14 +24,19 @@ shift
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
-export XLA_FLAGS=${XLA_FLAGS:---xla_force_host_platform_device_count=4}
+# Keep the XLA_FLAGS given; without a device count in them, 4 CPU devices per process.
+XLA_FLAGS=${XLA_FLAGS:-}
+if [[ $XLA_FLAGS != *--xla_force_host_platform_device_count=* ]]; then
+  XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=4"
+fi
+export XLA_FLAGS
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 export JAX_CPU_COLLECTIVES_IMPLEMENTATION=${JAX_CPU_COLLECTIVES_IMPLEMENTATION:-gloo}
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
 # A free port (LOCAL_PORT to choose one): bind to port 0 and read what the kernel gave.
-port=${LOCAL_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')} || exit 1
+port=${LOCAL_PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')} || exit 1
 export JAX_COORDINATOR_ADDRESS=127.0.0.1:$port JAX_NUM_PROCESSES=$n
 
 pids=()

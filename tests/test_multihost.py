@@ -231,6 +231,7 @@ def test_local_sh_stops_everyone_when_one_fails(tmp_path):
     fake = tmp_path / "fake_python"
     fake.write_text(
         "#!/bin/sh\n"
+        f'if [ "$1" = -c ]; then exec "{sys.executable}" "$@"; fi\n'  # local.sh's free port
         'echo "args $* / $JAX_PROCESS_ID of $JAX_NUM_PROCESSES at $JAX_COORDINATOR_ADDRESS'
         ' / $XLA_FLAGS"\n'
         'if [ "$JAX_PROCESS_ID" = 1 ]; then sleep 1; exit 7; fi\n'
@@ -251,6 +252,35 @@ def test_local_sh_stops_everyone_when_one_fails(tmp_path):
     assert "process 1 exited with status 7; stopping the others" in out.stderr
     pid0 = int((tmp_path / "pid0").read_text())
     assert not Path(f"/proc/{pid0}").exists()  # process 0 was killed, not left behind
+
+
+def test_local_sh_keeps_the_xla_flags_given_and_4_devices_by_default(tmp_path):
+    """XLA_FLAGS without a device count keep their flags and still give 4 CPU devices
+    per process; an explicit count is kept. PYTHON is a stand-in that, instead of
+    `-m gptjax ...`, prints XLA_FLAGS and what jax makes of them."""
+    fake = tmp_path / "fake_python"
+    probe = 'import os, jax; print("flags", os.environ["XLA_FLAGS"], "/", jax.local_device_count())'
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = -c ]; then exec "{sys.executable}" "$@"; fi\n'  # local.sh's free port
+        f"exec \"{sys.executable}\" -c '{probe}'\n"
+    )
+    fake.chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    base |= {"PYTHON": str(fake)}
+    other = "--xla_cpu_multi_thread_eigen=false"
+    cases = [
+        (2, other, f"flags {other} --xla_force_host_platform_device_count=4 / 4"),
+        (1, "--xla_force_host_platform_device_count=2", "flags --xla_force_host_platform_device_count=2 / 2"),
+    ]  # fmt: skip
+    for n, flags, want in cases:
+        out = subprocess.run(
+            [str(LOCAL), str(n), "train"], env=base | {"XLA_FLAGS": flags},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        lines = sorted(line for line in out.stdout.splitlines() if " flags " in line)
+        assert lines == [f"[{i}] {want}" for i in range(n)], out.stdout + out.stderr
 
 
 def test_coordinates_come_from_the_config_then_the_environment():

@@ -55,6 +55,9 @@ def test_approach3_recovers_planted_parameters(tmp_path, noise):
     assert fit["alpha"] == pytest.approx(PLANTED["alpha"], abs=tol)
     assert fit["beta"] == pytest.approx(PLANTED["beta"], abs=tol)
     assert fit["E"] == pytest.approx(PLANTED["E"], rel=tol)
+    if not noise:  # exact data: the amplitudes too (A, B trade off with alpha, beta)
+        assert np.log(fit["A"]) == pytest.approx(np.log(PLANTED["A"]), abs=1e-3)
+        assert np.log(fit["B"]) == pytest.approx(np.log(PLANTED["B"]), abs=1e-3)
     pred = scaling.predict(fit, n, d)
     assert np.max(np.abs(np.log(pred / chinchilla(n, d)))) < 3 * noise + 1e-4
 
@@ -103,6 +106,36 @@ def test_fit_command_prints_uncertainty_and_draws(tmp_path, capsys):
     assert fit["budget"]["approach3"]["N"] > 0 and fit["approach2"]["a"] > 0
     for png in ("scaling_fit.png", "scaling_isoflop.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert not list(tmp_path.glob(".*.tmp"))  # written to temporary names, renamed
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN / Infinity, which are not JSON."""
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_fit_defaults_the_budget_and_writes_strict_json(tmp_path, capsys):
+    """Without --budget the compute-optimal N and D are for the largest isoFLOP budget
+    (grid runs: the largest run's C), and the command says so; a bootstrap of one
+    sample has no std: null in fit.json, not NaN."""
+    n, d, c, _ = isoflop_points([1e18, 1e19, 1e20], per_budget=5)
+    results = write_results(tmp_path / "results.json", n, d, chinchilla(n, d), c)
+    assert cli.main(["scaling", "fit", str(results), "--bootstrap", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "compute-optimal at C = 1e+20 FLOPs (the largest isoFLOP budget of the runs" in out
+    fit = strict_json((tmp_path / "fit.json").read_text())
+    assert fit["budget"]["C"] == 1e20 and fit["budget"]["approach3"]["N"] > 0
+    assert fit["budget"]["source"] == "the largest isoFLOP budget of the runs"
+    assert fit["bootstrap"]["alpha"]["samples"] == 1 and fit["bootstrap"]["alpha"]["std"] is None
+
+    # Grid runs only: the largest run's C.
+    n, d = (x.ravel() for x in np.meshgrid(np.geomspace(1e7, 1e9, 3), np.geomspace(1e9, 1e11, 3)))
+    grid = scaling.read_results(write_results(tmp_path / "grid.json", n, d, chinchilla(n, d)))
+    assert scaling.default_budget(grid) == (6 * 1e9 * 1e11, "the largest run's C")
 
 
 def test_bad_results_files_fail_clearly(tmp_path, capsys):
@@ -197,10 +230,31 @@ def test_printed_commands_are_valid_for_the_cli(tmp_path, sp_model):
         cfg = config_lib.load(args.config, overrides)  # unknown keys would raise here
         assert cfg.tokenizer.path == str(sp_model) and cfg.model.head_dim == 16
         assert Path(args.workdir).parent == tmp_path / "sw" / "runs"
-    with pytest.raises(ConfigError, match="unknown config key"):
-        config_lib.load(QUICKSTART, [*overrides, "model.not_a_field=1"])
     results = json.loads((tmp_path / "sw" / "results.json").read_text())
     assert [r["status"] for r in results["runs"]] == ["pending"] * 4
+    records = sorted((tmp_path / "sw" / "runs").glob("*/sweep_run.json"))
+    assert len(records) == 4 and not list((tmp_path / "sw").rglob(".*.tmp"))
+    # A damaged run record (say, cut short) is a clear error, not a JSON traceback.
+    records[0].write_text('{"config": "x", "overr')
+    with pytest.raises(ConfigError, match="sweep_run.json is damaged"):
+        overrides = [f"tokenizer.path={sp_model}", "train.batch_size=8"]
+        s = sweep.make(QUICKSTART, overrides, ["head_dim=16"], "32,64", tmp_path / "sw",
+                       tokens="1e5,2e5")  # fmt: skip
+        sweep.print_commands(s, io.StringIO())
+
+
+def test_sweep_errors_exit_2_with_the_message(tmp_path, capsys, monkeypatch):
+    """A missing tokenizer file, and a sweep started as one of several processes (each
+    would run the whole sweep): status 2 and a message, no traceback."""
+    base = ["sweep", "--config", QUICKSTART, "--sizes", "32", "--tokens", "1e5",
+            "--out", str(tmp_path / "sw"), "--print-commands"]  # fmt: skip
+    missing = tmp_path / "missing.model"
+    assert cli.main([*base, f"--config.tokenizer.path={missing}"]) == 2
+    assert "no such SentencePiece model file" in capsys.readouterr().err
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    assert cli.main([*base[:-1], "--run"]) == 2
+    assert "runs as a single process, not as one of 2" in capsys.readouterr().err
+    assert not (tmp_path / "sw").exists()
 
 
 def test_sweep_resumes_and_skips_finished_runs(tmp_path, corpus, sp_model, token_cache, capsys):
