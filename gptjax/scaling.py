@@ -236,12 +236,14 @@ def isoflop_minima(points: Points) -> list[dict]:
             continue
         x_opt = -c1 / (2 * c2)
         slope, icpt = np.polyfit(x, np.log(points.d[sel]), 1)  # log D vs log N on this budget
+        with np.errstate(over="ignore", under="ignore"):  # a nearly flat profile: inf or 0
+            n_opt, d_opt = float(np.exp(x_opt)), float(np.exp(icpt + slope * x_opt))
         out.append(
             {
                 "budget": float(budget),
                 "convex": True,
-                "N": float(np.exp(x_opt)),
-                "D": float(np.exp(icpt + slope * x_opt)),
+                "N": n_opt,
+                "D": d_opt,
                 "loss": float(c0 + c1 * x_opt + c2 * x_opt**2),
                 "inside": bool(x.min() <= x_opt <= x.max()),
                 "parabola": [float(c2), float(c1), float(c0)],
@@ -252,13 +254,19 @@ def isoflop_minima(points: Points) -> list[dict]:
 
 def fit_approach2(points: Points) -> dict | None:
     """Power laws N_opt = n0 C^a and D_opt = d0 C^b through the convex isoFLOP minima."""
-    minima = [m for m in isoflop_minima(points) if m["convex"]]
+    minima = [
+        m
+        for m in isoflop_minima(points)
+        if m["convex"] and 0 < m["N"] < np.inf and 0 < m["D"] < np.inf
+    ]
     if len(minima) < 2:
         return None
     log_c = np.log([m["budget"] for m in minima])
     a, log_n0 = np.polyfit(log_c, np.log([m["N"] for m in minima]), 1)
     b, log_d0 = np.polyfit(log_c, np.log([m["D"] for m in minima]), 1)
-    return {"a": float(a), "n0": float(np.exp(log_n0)), "b": float(b), "d0": float(np.exp(log_d0))}
+    with np.errstate(over="ignore"):  # a resample's near-flat parabola: inf, not a warning
+        n0, d0 = float(np.exp(log_n0)), float(np.exp(log_d0))
+    return {"a": float(a), "n0": n0, "b": float(b), "d0": d0}
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -292,9 +300,13 @@ def bootstrap(points: Points, fit3: dict, samples: int, seed: int, budget: float
         if f2 is not None:
             for k in ("a", "b"):
                 draws.setdefault(k, []).append(f2[k])
-            if budget:
-                draws.setdefault("N_opt2", []).append(f2["n0"] * budget ** f2["a"])
-                draws.setdefault("D_opt2", []).append(f2["d0"] * budget ** f2["b"])
+            if budget:  # in logs: a resample's near-flat parabola can give a wild a
+                with np.errstate(over="ignore", divide="ignore"):
+                    n_opt = np.exp(np.log(f2["n0"]) + f2["a"] * np.log(budget))
+                    d_opt = np.exp(np.log(f2["d0"]) + f2["b"] * np.log(budget))
+                if np.isfinite(n_opt) and np.isfinite(d_opt):
+                    draws.setdefault("N_opt2", []).append(float(n_opt))
+                    draws.setdefault("D_opt2", []).append(float(d_opt))
     return draws
 
 
@@ -316,6 +328,7 @@ def plot(points: Points, fit3: dict, fit2: dict | None, cost, out: Path) -> list
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     written = []
     # Approach 3: loss against D for each model size, with the fitted L(N, D).
@@ -379,6 +392,8 @@ def plot(points: Points, fit3: dict, fit2: dict | None, cost, out: Path) -> list
             ax2.plot(cc, [o["D"] for o in opt3], "C1:", label="D_opt, approach 3")
         ax2.set_xscale("log")
         ax2.set_yscale("log")
+        # Budgets within a decade: matplotlib would label every minor tick, overlapping.
+        ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax2.set_xlabel("compute C (FLOPs)")
         ax2.set_title("compute-optimal N and D", fontsize=9)
         ax2.legend(fontsize=7)

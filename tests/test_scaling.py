@@ -301,3 +301,22 @@ def test_sweep_resumes_and_skips_finished_runs(tmp_path, corpus, sp_model, token
     )  # fmt: skip
     with pytest.raises(ConfigError, match="other settings"):
         sweep.run_all(other)
+
+
+def test_bootstrap_survives_a_nearly_flat_isoflop_profile():
+    """A nearly flat (but convex) isoFLOP profile puts its parabola's minimum absurdly far
+    away (exp overflows): such minima are left out of the power law, the bootstrap goes
+    on, and every approach-2 value it keeps is finite."""
+    n = np.array([1e4, 3e4, 1e5] * 3)
+    x = np.log(n[:3]) - np.log(3e4)
+    budget = np.repeat([1e12, 1e13, 1e14], 3)
+    d = budget / (6 * n)
+    flat = 3.3 - 0.01 * x + 1e-9 * x**2
+    loss = np.concatenate([4.0 + 0.05 * x**2, 3.6 + 0.05 * (x - 0.5) ** 2, flat])
+    points = scaling.Points(n, d, 6 * n * d, budget, loss, tuple(map(str, range(9))))
+    assert scaling.isoflop_minima(points)[2]["N"] == np.inf
+    fit3 = scaling.fit_approach3(points, starts=4)
+    draws = scaling.bootstrap(points, fit3, 30, 0, 1e15)
+    assert draws["a"] and draws["N_opt2"], "no approach-2 draw at all"
+    for key in ("a", "b", "N_opt2", "D_opt2"):
+        assert all(np.isfinite(v) for v in draws[key]), key
