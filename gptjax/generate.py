@@ -112,7 +112,8 @@ def make_generate_fn(graphdef, cfg: ModelConfig, sampling: Sampling):
         key_valid_BxS = jnp.arange(slots)[None, :] >= pad_B[:, None]
         cache = KVCache.empty(cfg, b, slots, key_valid_BxS)
         positions_BxP = jnp.maximum(jnp.arange(p)[None, :] - pad_B[:, None], 0)
-        logits_BxPxV, cache = model.decode(tokens_BxP, positions_BxP, cache, head_DxV)
+        layer_params = model.layer_params()  # sliced once, outside the loop
+        logits_BxPxV, cache = model.decode(tokens_BxP, positions_BxP, cache, head_DxV, layer_params)
 
         def cond(carry):
             i, _, _, _, done_B, _ = carry
@@ -126,7 +127,9 @@ def make_generate_fn(graphdef, cfg: ModelConfig, sampling: Sampling):
             out_BxN = out_BxN.at[:, i].set(token_B)
             done_B = done_B | jnp.isin(token_B, stop)
             positions_Bx1 = (p + i - pad_B)[:, None]
-            logits_Bx1xV, cache = model.decode(token_B[:, None], positions_Bx1, cache, head_DxV)
+            logits_Bx1xV, cache = model.decode(
+                token_B[:, None], positions_Bx1, cache, head_DxV, layer_params
+            )
             return i + 1, logits_Bx1xV[:, 0], cache, out_BxN, done_B, key
 
         init = (

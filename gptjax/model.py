@@ -128,8 +128,8 @@ def blocked_causal_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, window: int, block
 class LayerCache:
     """One layer's key/value cache for decoding, plus what every layer shares."""
 
-    k_BxSxKxH: jax.Array
-    v_BxSxKxH: jax.Array
+    k_BxKxSxH: jax.Array
+    v_BxKxSxH: jax.Array
     index: jax.Array  # slot of the first token of the current chunk
     key_valid_BxS: jax.Array  # False at left-padding slots
     fresh: bool = flax.struct.field(pytree_node=False, default=False)  # nothing cached yet
@@ -137,10 +137,16 @@ class LayerCache:
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer for B sequences of up to S slots."""
+    """Keys and values of every layer for B sequences of up to S slots.
 
-    k_LxBxSxKxH: jax.Array
-    v_LxBxSxKxH: jax.Array
+    One array per layer, heads before slots ([B, K, S, H]): decoding reads each layer's
+    cache where it lies, and the matmuls take it in its own layout (q k^T contracts H,
+    probs v contracts S). A stacked [L, B, S, K, H] cache cost a copy of every layer's
+    slice and a transpose of it at every decode step on XLA:CPU.
+    """
+
+    k_BxKxSxH: tuple[jax.Array, ...]  # n_layer arrays
+    v_BxKxSxH: tuple[jax.Array, ...]
     index: jax.Array  # int32 scalar: next slot to write
     key_valid_BxS: jax.Array  # bool: False at left-padding slots
     # Static: True until the first chunk is written, so prefill attends to its own
@@ -149,11 +155,11 @@ class KVCache:
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, slots: int, key_valid_BxS=None, dtype=None):
-        shape = (cfg.n_layer, batch, slots, cfg.kv_heads, cfg.head_dim)
+        shape = (batch, cfg.kv_heads, slots, cfg.head_dim)
         dtype = dtype or jnp.dtype(cfg.compute_dtype)
         if key_valid_BxS is None:
             key_valid_BxS = jnp.ones((batch, slots), bool)
-        zeros = jnp.zeros(shape, dtype)
+        zeros = (jnp.zeros(shape, dtype),) * cfg.n_layer
         return cls(zeros, zeros, jnp.zeros((), jnp.int32), key_valid_BxS, fresh=True)
 
 
@@ -215,38 +221,46 @@ class Attention(nnx.Module):
         Slots are shared by the batch (prompts are left-padded), so causality and the
         band are slot arithmetic; padding slots are masked by cache.key_valid_BxS. The
         cache is only read here: writing the chunk into a copy of it first would copy
-        the whole cache in every layer of every decode step.
+        the whole cache in every layer of every decode step. A fresh cache (prefill)
+        holds nothing: only the chunk's own keys are attended to.
         """
         b, t, n, h = q_BxTxNxH.shape
         kv_heads = k_BxTxKxH.shape[2]
-        q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h).astype(jnp.float32)
-        q_BxTxKxGxH /= math.sqrt(h)
-        k_old_BxSxKxH = cache.k_BxSxKxH.astype(jnp.float32)
-        v_old_BxSxKxH = cache.v_BxSxKxH.astype(jnp.float32)
-        s = k_old_BxSxKxH.shape[1]
-        q_slot_Tx1 = cache.index + jnp.arange(t)[:, None]
+        g = n // kv_heads
+        q_BxKxGxTxH = q_BxTxNxH.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4)
+        q_BxKxGxTxH = q_BxKxGxTxH.astype(jnp.float32) / math.sqrt(h)
+        k_new_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3).astype(jnp.float32)
+        v_new_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3).astype(jnp.float32)
+        neg = jnp.finfo(jnp.float32).min
 
-        old_slot_1xS = jnp.arange(s)[None, :]
-        old_ok_TxS = old_slot_1xS < cache.index
         new_ok_TxT = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
         if window:
-            old_ok_TxS &= q_slot_Tx1 - old_slot_1xS < window
             new_ok_TxT &= jnp.arange(t)[:, None] - jnp.arange(t)[None, :] < window
-        old_ok_BxTxS = old_ok_TxS[None] & cache.key_valid_BxS[:, None, :]
         new_valid_BxT = jax.lax.dynamic_slice_in_dim(cache.key_valid_BxS, cache.index, t, axis=1)
         new_ok_BxTxT = new_ok_TxT[None] & new_valid_BxT[:, None, :]
-
-        neg = jnp.finfo(jnp.float32).min
-        old_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_old_BxSxKxH)
-        old_BxKxGxTxS = jnp.where(old_ok_BxTxS[:, None, None], old_BxKxGxTxS, neg)
-        new_BxKxGxTxT = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxTxKxH.astype(jnp.float32))
-        new_BxKxGxTxT = jnp.where(new_ok_BxTxT[:, None, None], new_BxKxGxTxT, neg)
-        probs = jax.nn.softmax(jnp.concatenate([old_BxKxGxTxS, new_BxKxGxTxT], axis=-1), axis=-1)
-        out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs[..., :s], v_old_BxSxKxH)
-        out_BxTxKxGxH += jnp.einsum(
-            "bkgts,bskh->btkgh", probs[..., s:], v_BxTxKxH.astype(jnp.float32)
-        )
-        out = out_BxTxKxGxH.reshape(b, t, n, h).astype(q_BxTxNxH.dtype)
+        new_BxKxGxTxT = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_new_BxKxTxH)
+        scores = [jnp.where(new_ok_BxTxT[:, None, None], new_BxKxGxTxT, neg)]
+        values = [v_new_BxKxTxH]
+        if not cache.fresh:
+            s = cache.k_BxKxSxH.shape[2]
+            q_slot_Tx1 = cache.index + jnp.arange(t)[:, None]
+            old_slot_1xS = jnp.arange(s)[None, :]
+            old_ok_TxS = old_slot_1xS < cache.index
+            if window:
+                old_ok_TxS &= q_slot_Tx1 - old_slot_1xS < window
+            old_ok_BxTxS = old_ok_TxS[None] & cache.key_valid_BxS[:, None, :]
+            k_old_BxKxSxH = cache.k_BxKxSxH.astype(jnp.float32)
+            old_BxKxGxTxS = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_old_BxKxSxH)
+            scores.insert(0, jnp.where(old_ok_BxTxS[:, None, None], old_BxKxGxTxS, neg))
+            values.insert(0, cache.v_BxKxSxH.astype(jnp.float32))
+        probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+        out_BxKxGxTxH, start = 0.0, 0
+        for v_BxKxSxH in values:  # the cache's and the chunk's values, each where it lies
+            width = v_BxKxSxH.shape[2]
+            p_part = probs[..., start : start + width]
+            out_BxKxGxTxH = out_BxKxGxTxH + jnp.einsum("bkgts,bksh->bkgth", p_part, v_BxKxSxH)
+            start += width
+        out = out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_BxTxNxH.dtype)
         return out, (k_BxTxKxH, v_BxTxKxH)
 
     def _explicit(self, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, window: int, rng):
@@ -358,9 +372,12 @@ class GPT(nnx.Module):
         x_BxLxD = _dropout(x_BxLxD, cfg.dropout, rng)
         return constrain(x_BxLxD, ("batch", None, "act_embed"))
 
-    def layers(self, x_BxLxD, positions_BxL, rng=None, cache: KVCache | None = None):
+    def layers(self, x_BxLxD, positions_BxL, rng=None, cache: KVCache | None = None,
+               layer_params=None):  # fmt: skip
         """The stacked blocks and the final norm, on embeddings [B, L, D]. With a cache
-        (decoding) also returns the updated cache."""
+        (decoding) also returns the updated cache; layer_params: see `layer_params`."""
+        if cache is not None:
+            return self._layers_cached(x_BxLxD, positions_BxL, cache, layer_params)
         cfg = self.cfg
         windows = cfg.attention_windows
         period = len(windows)
@@ -377,58 +394,68 @@ class GPT(nnx.Module):
             jax.tree.map(lambda a, i=i: split(a)[i], stacked) for i in range(period)
         )
 
-        kv_in = None
-        if cache is not None:
-            kv_in = (split(cache.k_LxBxSxKxH), split(cache.v_LxBxSxKxH))
-
         def group_fn(x_BxLxD, xs):
-            sublayer_params, group_index, kv = xs
-            new_k, new_v = [], []
+            sublayer_params, group_index = xs
             for i, window in enumerate(windows):
                 block = nnx.merge(graphdef, sublayer_params[i])
                 layer_rng = None
                 if rng is not None:
                     layer_rng = jax.random.fold_in(rng, group_index * period + i)
-                if kv is None:
-                    x_BxLxD = block(x_BxLxD, positions_BxL, window, layer_rng)
-                else:
-                    layer_cache = LayerCache(
-                        kv[0][i], kv[1][i], cache.index, cache.key_valid_BxS, cache.fresh
-                    )
-                    x_BxLxD, (k, v) = block(x_BxLxD, positions_BxL, window, None, layer_cache)
-                    new_k.append(k)
-                    new_v.append(v)
+                x_BxLxD = block(x_BxLxD, positions_BxL, window, layer_rng)
                 x_BxLxD = constrain(x_BxLxD, ("batch", None, "act_embed"))
-            return x_BxLxD, None if kv is None else (tuple(new_k), tuple(new_v))
+            return x_BxLxD, None
 
-        if cfg.remat != "none" and cache is None:
+        if cfg.remat != "none":
             group_fn = jax.checkpoint(group_fn, policy=REMAT_POLICIES[cfg.remat])
-        xs = (params_per_sublayer, jnp.arange(cfg.n_layer // period), kv_in)
-        x_BxLxD, kv_out = jax.lax.scan(group_fn, x_BxLxD, xs, unroll=not cfg.scan_layers)
+        xs = (params_per_sublayer, jnp.arange(cfg.n_layer // period))
+        x_BxLxD, _ = jax.lax.scan(group_fn, x_BxLxD, xs, unroll=not cfg.scan_layers)
         if self.norm_f is not None:
             x_BxLxD = self.norm_f(x_BxLxD)
-        if cache is None:
-            return x_BxLxD
+        return x_BxLxD
 
-        def interleave(parts):  # period arrays [n_layer / period, ...] -> [n_layer, ...]
-            return jnp.stack(parts, axis=1).reshape(cfg.n_layer, *parts[0].shape[1:])
+    def layer_params(self) -> tuple:
+        """Each layer's parameters as arrays of their own (slices of the stacked ones).
+        A decode loop takes them once, before the loop: sliced inside it, XLA:CPU copies
+        every layer's weights at every step."""
+        _, stacked = nnx.split(self.blocks)
+        return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.cfg.n_layer))
 
-        # One write of the chunk's slots into the whole cache (in place in a decode loop).
-        def write(full_LxBxSxKxH, chunk_LxBxTxKxH):
-            chunk = chunk_LxBxTxKxH.astype(full_LxBxSxKxH.dtype)
-            return jax.lax.dynamic_update_slice_in_dim(full_LxBxSxKxH, chunk, cache.index, axis=2)
+    def _layers_cached(self, x_BxTxD, positions_BxT, cache: KVCache, layer_params=None):
+        """layers() for decoding: a loop over the layers (each reads its own cache array,
+        no slicing of a stacked one), then one write of the chunk into each cache."""
+        cfg = self.cfg
+        graphdef, _ = nnx.split(self.blocks)
+        layer_params = layer_params or self.layer_params()
+        new_k, new_v = [], []
+        for layer in range(cfg.n_layer):
+            block = nnx.merge(graphdef, layer_params[layer])
+            window = cfg.attention_windows[layer % len(cfg.attention_windows)]
+            layer_cache = LayerCache(
+                cache.k_BxKxSxH[layer], cache.v_BxKxSxH[layer], cache.index,
+                cache.key_valid_BxS, cache.fresh,
+            )  # fmt: skip
+            x_BxTxD, (k_BxTxKxH, v_BxTxKxH) = block(
+                x_BxTxD, positions_BxT, window, None, layer_cache
+            )
+            x_BxTxD = constrain(x_BxTxD, ("batch", None, "act_embed"))
 
-        return x_BxLxD, cache.replace(
-            k_LxBxSxKxH=write(cache.k_LxBxSxKxH, interleave(kv_out[0])),
-            v_LxBxSxKxH=write(cache.v_LxBxSxKxH, interleave(kv_out[1])),
-        )
+            # The chunk's slots written into the layer's cache (in place in a decode loop).
+            def write(full_BxKxSxH, chunk_BxTxKxH):
+                chunk = chunk_BxTxKxH.transpose(0, 2, 1, 3).astype(full_BxKxSxH.dtype)
+                return jax.lax.dynamic_update_slice_in_dim(full_BxKxSxH, chunk, cache.index, 2)
 
-    def decode(self, tokens_BxT, positions_BxT, cache: KVCache, head_DxV=None):
+            new_k.append(write(cache.k_BxKxSxH[layer], k_BxTxKxH))
+            new_v.append(write(cache.v_BxKxSxH[layer], v_BxTxKxH))
+        if self.norm_f is not None:
+            x_BxTxD = self.norm_f(x_BxTxD)
+        return x_BxTxD, cache.replace(k_BxKxSxH=tuple(new_k), v_BxKxSxH=tuple(new_v))
+
+    def decode(self, tokens_BxT, positions_BxT, cache: KVCache, head_DxV=None, layer_params=None):
         """Logits [B, T, V] for a chunk at slots cache.index.., and the updated cache
         (index advanced by T). Prefill is a chunk of the whole prompt; decode, of one.
-        head_DxV: see `decode_head`."""
+        head_DxV: see `decode_head`; layer_params: see `layer_params`."""
         x_BxTxD = self.embed(tokens_BxT, positions_BxT)
-        h_BxTxD, cache = self.layers(x_BxTxD, positions_BxT, None, cache)
+        h_BxTxD, cache = self.layers(x_BxTxD, positions_BxT, None, cache, layer_params)
         return self.logits(h_BxTxD, head_DxV), cache.replace(
             index=cache.index + tokens_BxT.shape[1], fresh=False
         )

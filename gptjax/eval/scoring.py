@@ -148,8 +148,8 @@ def make_score_fn(graphdef, cfg: ModelConfig):
             return jnp.take(a, row_G_R, axis=axis)
 
         cache_R = KVCache(
-            rows(cache.k_LxBxSxKxH, 1),
-            rows(cache.v_LxBxSxKxH, 1),
+            tuple(rows(k, 0) for k in cache.k_BxKxSxH),
+            tuple(rows(v, 0) for v in cache.v_BxKxSxH),
             cache.index + p,
             rows(valid_GxS, 0),
         )
