@@ -26,6 +26,31 @@ def _split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[
     return overrides
 
 
+def _run_job(job, user_errors: tuple[type[Exception], ...]) -> tuple[int, object]:
+    """(exit status, result) of a training job (train, finetune), which may be one
+    process of several: a user error (bad data, checkpoint, config) exits 2, a non-finite
+    loss 3, preemption 143. With several processes a failing one leaves at once instead
+    of waiting for the others at exit (see gptjax.distributed.exit_now)."""
+    from gptjax import distributed
+    from gptjax.train import NonFiniteLoss, Preempted
+
+    try:
+        return 0, job()
+    except user_errors as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return distributed.leave(2), None  # perhaps this process alone: do not wait
+    except NonFiniteLoss as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return 3, None
+    except Preempted as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return 143, None
+    except Exception as e:
+        if distributed.is_multiprocess():  # do not wait for the others at exit: they are stuck
+            distributed.exit_now(e)
+        raise
+
+
 def _train(args, overrides) -> int:
     from gptjax import config as config_lib
     from gptjax import distributed
@@ -41,22 +66,8 @@ def _train(args, overrides) -> int:
     from gptjax.checkpoint import CheckpointError
     from gptjax.data import DataError
 
-    try:
-        train.train(cfg, args.workdir)
-    except (config_lib.ConfigError, DataError, CheckpointError) as e:
-        print(f"gptjax: {e}", file=sys.stderr)
-        return distributed.leave(2)  # perhaps this process alone: do not wait for the others
-    except train.NonFiniteLoss as e:
-        print(f"gptjax: {e}", file=sys.stderr)
-        return 3
-    except train.Preempted as e:
-        print(f"gptjax: {e}", file=sys.stderr)
-        return 143
-    except Exception as e:
-        if distributed.is_multiprocess():  # do not wait for the others at exit: they are stuck
-            distributed.exit_now(e)
-        raise
-    return 0
+    user_errors = (config_lib.ConfigError, DataError, CheckpointError)
+    return _run_job(lambda: train.train(cfg, args.workdir), user_errors)[0]
 
 
 def _tokenizer_train(args, _overrides) -> int:
@@ -292,23 +303,11 @@ def _finetune(args, overrides) -> int:
     from gptjax.checkpoint import CheckpointError
     from gptjax.finetune_data import FinetuneDataError
     from gptjax.tokenizer import TokenizerError
-    from gptjax.train import NonFiniteLoss, Preempted
 
-    try:
-        results = ft.finetune(cfg, args.workdir)
-    except (ConfigError, CheckpointError, FinetuneDataError, TokenizerError) as e:
-        print(f"gptjax: {e}", file=sys.stderr)
-        return distributed.leave(2)  # perhaps this process alone: do not wait for the others
-    except NonFiniteLoss as e:
-        print(f"gptjax: {e}", file=sys.stderr)
-        return 3
-    except Preempted as e:
-        print(f"gptjax: {e}", file=sys.stderr)
-        return 143
-    except Exception as e:
-        if distributed.is_multiprocess():  # do not wait for the others at exit: they are stuck
-            distributed.exit_now(e)
-        raise
+    user_errors = (ConfigError, CheckpointError, FinetuneDataError, TokenizerError)
+    status, results = _run_job(lambda: ft.finetune(cfg, args.workdir), user_errors)
+    if status:
+        return status
     import jax
 
     if jax.process_index() == 0:
