@@ -546,6 +546,7 @@ def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dic
                     }
                     state, m = step_fn(state, batch)
                     pending.append(m)
+                    sharding.throttle(pending)
                     done = step + 1
                     epoch_end = done % steps_per_epoch == 0
                     if done % f.log_every == 0 or epoch_end:

@@ -1,8 +1,8 @@
 """Train state, the pure train step, and the pretraining loop.
 
-The loop dispatches step N+1 before it reads step N's metrics: metrics stay on
-the device until a log step (or a checkpoint, which first checks that no loss
-since the last check was NaN/inf, so the last checkpoint is always a good one).
+The loop dispatches step N+1 before it waits for step N (never further ahead), and
+metrics stay on the device until a log step (or a checkpoint, which first checks that
+no loss since the last check was NaN/inf, so the last checkpoint is always a good one).
 """
 
 from __future__ import annotations
@@ -317,7 +317,10 @@ def train(cfg: Config, workdir: str | Path) -> dict:
         ]
 
         def evaluate(params) -> float:
-            losses = [eval_fn(params, b) for b in val_batches]
+            losses = []
+            for b in val_batches:
+                losses.append(eval_fn(params, b))
+                sharding.throttle(losses)
             return float(np.mean(jax.device_get(losses)))
 
         n_params = model.param_count(state.params)
@@ -367,6 +370,7 @@ def train(cfg: Config, workdir: str | Path) -> dict:
                     local = np.stack([next(train_iter) for _ in range(k)])
                     state, m = step_fn(state, _global_batch(local, batch_sh))
                     pending.append((step + 1, m))
+                    sharding.throttle(pending)  # step N+1 queued before step N waited for
                     done = step + 1
                     evaluating = done % t.eval_every == 0 or done == t.steps
                     if done % t.log_every == 0 or evaluating:

@@ -3,20 +3,9 @@
 import os
 from pathlib import Path
 
-# Simulated devices are threads of one process: on a loaded 2-core host a collective's
-# last thread can start long after the first, and XLA aborts the process when the wait
-# passes its default 40 s. Tests (and the subprocesses they start) allow 2 minutes.
-PATIENT_COLLECTIVES = (
-    "--xla_cpu_collective_call_terminate_timeout_seconds=120 "
-    "--xla_cpu_collective_timeout_seconds=120"
-)
 # Must happen before jax is imported anywhere.
-os.environ["XLA_FLAGS"] = " ".join(
-    [
-        os.environ.get("XLA_FLAGS", ""),
-        "--xla_force_host_platform_device_count=8",
-        PATIENT_COLLECTIVES,
-    ]
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -72,7 +72,7 @@ def gptjax_cmd(cfg: Config, workdir: Path) -> list[str]:
 
 def subprocess_env() -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = os.environ["XLA_FLAGS"]  # conftest's: 8 devices, patient collectives
+    env["XLA_FLAGS"] = os.environ["XLA_FLAGS"]  # conftest's: 8 simulated devices
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get(
         "GPTJAX_TEST_COMPILE_CACHE", str(REPO / ".jax_cache")

@@ -47,6 +47,7 @@ from flax import nnx
 
 from gptjax.config import ModelConfig
 from gptjax.model import KVCache, decode_head
+from gptjax.sharding import throttle
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +278,7 @@ class Scorer:
         pending = []
         for batch in self._batches(groups):
             pending.append((batch, self._dispatch(batch)))
+            throttle([out for _, out in pending])
         for batch, (lp, hit) in pending:
             lp, hit = np.asarray(lp).astype(np.float64), np.asarray(hit)
             start = 0
@@ -353,6 +355,7 @@ class Scorer:
             self.shapes.add(("generate", b, p, max_new))
             tokens_d, pad_d = self._place(tokens, pad)
             pending.append((idx, self._call(fn, self.params, tokens_d, pad_d, jax.random.key(0))))
+            throttle([out for _, out in pending])
         for idx, (new, lengths) in pending:
             new, lengths = np.asarray(new), np.asarray(lengths)
             for j, i in enumerate(idx):
