@@ -369,15 +369,6 @@ class Scorer:
 # ----------------------------------------------------------------------------- model
 
 
-def _read_config(checkpoint) -> dict:
-    import orbax.checkpoint as ocp
-
-    from gptjax.checkpoint import resolve
-
-    directory, step = resolve(checkpoint)
-    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(directory / str(step) / "config")
-
-
 @dataclasses.dataclass
 class EvalModel:
     """A checkpoint's model, tokenizer and scorer: text-level requests."""
@@ -397,25 +388,16 @@ class EvalModel:
 
     @classmethod
     def load(cls, checkpoint, *, mesh=None, batch_size: int = 32, **kw) -> EvalModel:
-        """Parameters are read straight onto their mesh shardings (no unsharded copy)."""
-        from gptjax import config as config_lib
-        from gptjax import model as model_lib
-        from gptjax import sharding
-        from gptjax.checkpoint import abstract_with_shardings, load_params
-        from gptjax.tokenizer import tokenizer_from_record
+        """Parameters are read straight onto their mesh shardings (no unsharded copy),
+        as for generation (gptjax.generate.load)."""
+        from gptjax.generate import load
 
-        abstract_params = None
-        if mesh is not None:
-            cfg = config_lib.from_dict(_read_config(checkpoint)).model
-            _, abstract = model_lib.abstract_model(cfg)
-            shardings = sharding.param_shardings(abstract, mesh)
-            abstract_params = abstract_with_shardings(nnx.to_pure_dict(abstract), shardings)
-        cfg_dict, params, record = load_params(checkpoint, abstract_params)
-        cfg = config_lib.from_dict(cfg_dict).model
-        if not record:
+        loaded = load(checkpoint, mesh)
+        if loaded.tokenizer is None:
             raise ValueError(f"{checkpoint} has no tokenizer; evaluation needs one")
-        tokenizer = tokenizer_from_record(record)
-        return cls.from_params(cfg, params, tokenizer, mesh=mesh, batch_size=batch_size, **kw)
+        return cls.from_params(
+            loaded.cfg, loaded.params, loaded.tokenizer, mesh=mesh, batch_size=batch_size, **kw
+        )
 
     @property
     def n_ctx(self) -> int:
