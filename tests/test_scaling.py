@@ -257,52 +257,6 @@ def test_sweep_errors_exit_2_with_the_message(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "sw").exists()
 
 
-def test_sweep_resumes_and_skips_finished_runs(tmp_path, corpus, sp_model, token_cache, capsys):
-    """Two tiny real runs: one finished, one interrupted at its checkpoint; re-running
-    the sweep skips the first and resumes the second."""
-    import dataclasses
-
-    from gptjax import train
-
-    base = [
-        f"data.sources={corpus}", f"tokenizer.path={sp_model}", f"data.cache_dir={token_cache}",
-        "model.seq_len=32", "train.batch_size=8", "train.eval_batches=2", "train.log_every=5",
-        "train.sample_tokens=0", "optim.warmup_steps=2", "checkpoint.every_steps=5",
-        "checkpoint.async_save=false",
-    ]  # fmt: skip
-    rule = sweep.sweep_overrides(RULE, ["min_steps=1"])
-    s = sweep.plan(QUICKSTART, base, rule, [16, 32], tmp_path, tokens=[10 * 8 * 32], vocab_size=512)
-    first, second = s.runs
-    assert first.steps == second.steps == 10
-    # interrupt the second run: 5 of its 10 steps, checkpointed at step 5
-    cfg = s.config(second)
-    half = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=5))
-    train.train(half, s.workdir(second))
-    assert sweep.result_of(s, second) is None
-
-    rows = sweep.run_all(s)
-    out = capsys.readouterr().out
-    assert [r["status"] for r in rows] == ["done", "done"]
-    assert "steps 5->10" in out  # resumed, not restarted
-    final = s.workdir(first) / "metrics.jsonl"
-    stamp = final.stat().st_mtime_ns
-
-    rows_again = sweep.run_all(s)
-    out = capsys.readouterr().out
-    assert out.count("finished, skipped") == 2
-    assert final.stat().st_mtime_ns == stamp
-    assert [r["val_loss"] for r in rows_again] == [r["val_loss"] for r in rows]
-    csv_rows = (tmp_path / "results.csv").read_text().splitlines()
-    assert csv_rows[0].startswith("name,n_layer,d_model") and len(csv_rows) == 3
-    # a different sweep in the same directory is refused, not mixed in
-    other = sweep.plan(
-        QUICKSTART, [*base, "optim.lr=1e-4"], sweep.sweep_overrides(rule, ["lr_rule=constant"]),
-        [16], tmp_path, tokens=[10 * 8 * 32], vocab_size=512,
-    )  # fmt: skip
-    with pytest.raises(ConfigError, match="other settings"):
-        sweep.run_all(other)
-
-
 def test_bootstrap_survives_a_nearly_flat_isoflop_profile():
     """A nearly flat (but convex) isoFLOP profile puts its parabola's minimum absurdly far
     away (exp overflows): such minima are left out of the power law, the bootstrap goes
@@ -320,3 +274,62 @@ def test_bootstrap_survives_a_nearly_flat_isoflop_profile():
     assert draws["a"] and draws["N_opt2"], "no approach-2 draw at all"
     for key in ("a", "b", "N_opt2", "D_opt2"):
         assert all(np.isfinite(v) for v in draws[key]), key
+
+
+def test_a_real_isoflop_sweep_resumes_then_fits_and_draws(
+    tmp_path, corpus, sp_model, token_cache, capsys
+):
+    """Six real runs (two isoFLOP budgets x three widths) on the shared corpus, one of
+    them interrupted at its checkpoint first: the sweep resumes it, a second pass skips
+    every finished run, and `gptjax scaling fit` on the results fits and draws."""
+    import dataclasses
+
+    from gptjax import train
+
+    base = [
+        f"data.sources={corpus}", f"tokenizer.path={sp_model}", f"data.cache_dir={token_cache}",
+        "model.seq_len=32", "train.batch_size=8", "train.eval_batches=2", "train.log_every=5",
+        "train.sample_tokens=0", "optim.warmup_steps=2", "checkpoint.every_steps=5",
+        "checkpoint.async_save=false",
+    ]  # fmt: skip
+    rule = sweep.sweep_overrides(RULE, ["min_steps=1"])
+    out = tmp_path / "sweep"
+    s = sweep.plan(QUICKSTART, base, rule, [16, 32, 48], out, budgets=[3e8, 1e9], vocab_size=512)
+    assert len(s.runs) == 6 and len({r.d_model for r in s.runs}) == 3
+    # interrupt one run: 5 of its steps, checkpointed at step 5
+    cut = max(s.runs, key=lambda r: r.steps)
+    cfg = s.config(cut)
+    train.train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=5)),
+                s.workdir(cut))  # fmt: skip
+    assert sweep.result_of(s, cut) is None
+
+    rows = sweep.run_all(s)
+    out_text = capsys.readouterr().out
+    assert [r["status"] for r in rows] == ["done"] * 6
+    assert f"steps 5->{cut.steps}" in out_text  # resumed, not restarted
+    assert all(np.isfinite(r["val_loss"]) and r["val_loss"] < np.log(512) for r in rows)
+    final = s.workdir(s.runs[0]) / "metrics.jsonl"
+    stamp = final.stat().st_mtime_ns
+
+    rows_again = sweep.run_all(s)
+    assert capsys.readouterr().out.count("finished, skipped") == 6
+    assert final.stat().st_mtime_ns == stamp
+    assert [r["val_loss"] for r in rows_again] == [r["val_loss"] for r in rows]
+    csv_rows = (out / "results.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("name,n_layer,d_model") and len(csv_rows) == 7
+    # a different sweep in the same directory is refused, not mixed in
+    other = sweep.plan(
+        QUICKSTART, [*base, "optim.lr=1e-4"], sweep.sweep_overrides(rule, ["lr_rule=constant"]),
+        [16], out, budgets=[3e8], vocab_size=512,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="other settings"):
+        sweep.run_all(other)
+
+    assert cli.main(["scaling", "fit", str(out / "results.json"), "--bootstrap", "4"]) == 0
+    report = capsys.readouterr().out
+    assert "alpha" in report and "compute-optimal" in report
+    fit = strict_json((out / "fit.json").read_text())
+    assert fit["runs"] == 6 and len(fit["isoflop_minima"]) == 2
+    assert fit["approach3"]["E"] > 0 and fit["budget"]["approach3"]["N"] > 0
+    for png in ("scaling_fit.png", "scaling_isoflop.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
