@@ -244,6 +244,63 @@ def test_fixture_format_loaders(tmp_path):
     assert lm[0].kind == "rolling" and lm[0].words == 3
 
 
+def test_partial_and_unconditional_scoring_match_independent_forward_passes(em, tmp_path):
+    """Winogrande's partial scoring (the shared continuation after each filled-in blank)
+    and ARC's unconditional normalisation (ll(option | question) - ll(option | "Answer:")),
+    end to end through resolve_task + evaluate_task, against full forward passes."""
+    j = json.dumps
+    wg_docs = [
+        ("The cup fell off the table because _ was unstable.", "the cup", "the table", "2"),
+        ("Anna gave Maria a book because _ had finished it.", "Anna", "Maria", "1"),
+        ("The suitcase did not fit in the car because _ was too big.", "the suitcase",
+         "the car", "1"),
+    ]  # fmt: skip
+    wg_path = _write(tmp_path / "dev.jsonl", [
+        j({"sentence": s, "option1": a, "option2": b, "answer": ans}) for s, a, b, ans in wg_docs
+    ])  # fmt: skip
+    arc_docs = [
+        ("What is hot?", ["ice", "fire", "snow"], "B"),
+        ("Which one is a planet?", ["Mars", "a chair", "water"], "A"),
+        ("What do plants need to grow?", ["sunlight", "plastic", "noise"], "A"),
+    ]
+    arc_path = _write(tmp_path / "ARC-Easy-Test.jsonl", [
+        j({"id": f"q{i}", "question": {"stem": q, "choices": [
+            {"text": t, "label": "ABC"[c]} for c, t in enumerate(opts)]}, "answerKey": key})
+        for i, (q, opts, key) in enumerate(arc_docs)
+    ])  # fmt: skip
+
+    def ref(ctx_text, cont_text):
+        return _reference_ll(em, *encode_pair(em.tokenizer, ctx_text, cont_text))[0]
+
+    opts = harness.RunOptions()
+    wg_result, wg_samples = harness.evaluate_task(
+        em, tasks.resolve_task(f"winogrande={wg_path}"), 0, opts
+    )
+    correct = []
+    for (sentence, a, b, ans), sample in zip(wg_docs, wg_samples, strict=True):
+        head, tail = sentence.split("_")
+        want = [ref(head + option, " " + tail.strip()) for option in (a, b)]
+        np.testing.assert_allclose(sample["loglikelihoods"], want, atol=1e-5)
+        assert sample["pred"]["acc"] == int(np.argmax(want))
+        correct.append(float(np.argmax(want) == int(ans) - 1))
+    assert wg_result["metrics"]["acc"]["value"] == pytest.approx(np.mean(correct))
+
+    arc_result, arc_samples = harness.evaluate_task(
+        em, tasks.resolve_task(f"arc_easy={arc_path}"), 0, opts
+    )
+    correct = []
+    for (question, options, key), sample in zip(arc_docs, arc_samples, strict=True):
+        cond = [ref(f"Question: {question}\nAnswer:", " " + o) for o in options]
+        uncond = [ref("Answer:", " " + o) for o in options]
+        np.testing.assert_allclose(sample["loglikelihoods"], cond, atol=1e-5)
+        np.testing.assert_allclose(sample["uncond_loglikelihoods"], uncond, atol=1e-5)
+        pred = int(np.argmax(np.subtract(cond, uncond)))
+        assert sample["pred"]["acc_uncond"] == pred
+        correct.append(float(pred == "ABC".index(key)))
+    assert arc_result["primary"] == "acc_uncond"
+    assert arc_result["metrics"]["acc_uncond"]["value"] == pytest.approx(np.mean(correct))
+
+
 @pytest.mark.parametrize("fmt", ["yaml", "json"])
 def test_task_definition_as_data(tmp_path, fmt):
     _write(tmp_path / "data.jsonl", [json.dumps({"goal": "g", "a": "x", "b": "y", "label": "B"})])

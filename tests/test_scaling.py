@@ -288,9 +288,8 @@ def test_a_real_isoflop_sweep_resumes_then_fits_and_draws(
 
     base = [
         f"data.sources={corpus}", f"tokenizer.path={sp_model}", f"data.cache_dir={token_cache}",
-        "model.seq_len=32", "train.batch_size=8", "train.eval_batches=2", "train.log_every=5",
-        "train.sample_tokens=0", "optim.warmup_steps=2", "checkpoint.every_steps=5",
-        "checkpoint.async_save=false",
+        "model.seq_len=32", "train.batch_size=8", "train.eval_batches=2", "train.log_every=50",
+        "train.sample_tokens=0", "optim.warmup_steps=2", "checkpoint.async_save=false",
     ]  # fmt: skip
     rule = sweep.sweep_overrides(RULE, ["min_steps=1"])
     out = tmp_path / "sweep"
