@@ -265,6 +265,14 @@ def read_step_json(step_dir: Path, item: str) -> dict:
     return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / item)
 
 
+def read_checkpoint_json(path: str | Path) -> tuple[dict, dict]:
+    """(config dict, tokenizer record; {} where there is none) of any checkpoint `resolve`
+    accepts, without reading its arrays."""
+    directory, step = resolve(path)
+    step_dir = directory / str(step)
+    return read_step_json(step_dir, "config"), read_step_json(step_dir, "tokenizer")
+
+
 def load_params(path: str | Path, abstract_params=None):
     """(config dict, params, tokenizer record or None) from any checkpoint `resolve`
     accepts. Only the parameters are read from a training checkpoint, never the

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -41,8 +40,7 @@ from gptjax.checkpoint import (
     abstract_with_shardings,
     checkpoint_dir,
     load_params,
-    read_step_json,
-    resolve,
+    read_checkpoint_json,
 )
 from gptjax.config import (
     CheckpointConfig,
@@ -55,6 +53,7 @@ from gptjax.config import (
     TokenizerConfig,
     TrainConfig,
 )
+from gptjax.files import write_text_atomic
 from gptjax.finetune_data import (
     N_SPECIALS,
     TASKS,
@@ -360,8 +359,7 @@ def _init_source(cfg: FinetuneConfig):
         m = cfg.model
         base = dataclasses.replace(m, vocab_size=m.vocab_size or tokenizer.vocab_size)
         return tokenizer, base
-    directory, step = resolve(f.init_from)
-    stored = read_step_json(directory / str(step), "config")
+    stored, record = read_checkpoint_json(f.init_from)
     try:
         base = config_lib.from_dict(stored).model
     except ConfigError as e:
@@ -369,7 +367,6 @@ def _init_source(cfg: FinetuneConfig):
             f"{f.init_from} is not a pretraining or converted gptjax checkpoint ({e})"
         ) from None
     check_architecture(cfg.model, base, f.init_from)
-    record = read_step_json(directory / str(step), "tokenizer")
     if record:
         tokenizer = tokenizer_from_record(record)
     elif cfg.tokenizer.path:
@@ -424,12 +421,6 @@ def _outputs(fn, params, source: ExampleSource, batch_size: int, bucket: int, pu
     return np.concatenate(outs)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- loop
 
 
@@ -459,10 +450,7 @@ def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dic
     train_data = _load_split(cfg, spec, "train", tokenizer, sp, n_ctx)
     dev_data = _load_split(cfg, spec, "dev", tokenizer, sp, n_ctx)
 
-    try:
-        mesh = sharding.make_mesh(cfg.mesh)
-    except ValueError as e:  # a mesh that does not fit the devices
-        raise ConfigError(f"mesh: {e}") from None
+    mesh = sharding.make_mesh(cfg.mesh)  # a ConfigError when it does not fit the devices
     n_proc, shards = jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"]
     if f.batch_size % shards or f.batch_size % n_proc:
         raise ConfigError(
@@ -581,7 +569,7 @@ def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dic
                             best_ckpt.wait()
                             best = {"step": done, **entry}
                             if primary:
-                                _write_atomic(best_file, json.dumps(best, indent=2))
+                                write_text_atomic(best_file, json.dumps(best, indent=2))
                     saved = done % cfg.checkpoint.every_steps == 0 or epoch_end
                     if saved:
                         save(done)
@@ -619,7 +607,7 @@ def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dic
         "params": model.param_count(state.params),
     }  # fmt: skip
     if primary:
-        _write_atomic(workdir / "results.json", json.dumps(results, indent=2))
+        write_text_atomic(workdir / "results.json", json.dumps(results, indent=2))
     return results
 
 
@@ -636,9 +624,8 @@ def predict(checkpoint, task: str, output, batch_size: int = 32) -> dict:
     checkpoint = Path(checkpoint)
     if (checkpoint / "best").is_dir():
         checkpoint = checkpoint / "best"
-    directory, step = resolve(checkpoint)
     try:
-        cfg = config_lib.from_dict(read_step_json(directory / str(step), "config"), FinetuneConfig)
+        cfg = config_lib.from_dict(read_checkpoint_json(checkpoint)[0], FinetuneConfig)
     except ConfigError as e:
         raise CheckpointError(f"{checkpoint} is not a fine-tuned checkpoint ({e})") from None
     if cfg.task.name != name:
@@ -668,7 +655,7 @@ def predict(checkpoint, task: str, output, batch_size: int = 32) -> dict:
         lines.append(json.dumps(row))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(output, "".join(line + "\n" for line in lines))
+    write_text_atomic(output, "".join(line + "\n" for line in lines))
     summary = {"task": name, "examples": len(data), "truncated": data.truncated}
     if np.all(data.labels != -1):
         summary.update(score(spec, preds, data.labels))

@@ -159,6 +159,13 @@ def jitted_generate_fn(graphdef, cfg: ModelConfig, sampling: Sampling):
     return lambda params, *args: loop(params, head(params), *args)
 
 
+def fit_prompts(cfg: ModelConfig, prompts, sampling: Sampling) -> list[list[int]]:
+    """The prompts as generate_ids decodes them: cut from the left to their last
+    seq_len - max_new_tokens ids, leaving room for the new tokens."""
+    room = cfg.seq_len - sampling.max_new_tokens
+    return [list(p)[-room:] for p in prompts]
+
+
 def generate_ids(
     graphdef,
     params,
@@ -171,11 +178,11 @@ def generate_ids(
     context allows are cut from the left, with a warning. Under `jax.set_mesh` the
     parameters may be sharded (fsdp/tensor): the same loop runs on the mesh."""
     check_request(cfg, prompts, sampling)
-    room = cfg.seq_len - sampling.max_new_tokens
-    if any(len(p) > room for p in prompts):
+    fitted = fit_prompts(cfg, prompts, sampling)
+    if any(len(f) < len(p) for f, p in zip(fitted, prompts, strict=True)):
+        room = cfg.seq_len - sampling.max_new_tokens
         log.warning("prompt cut to its last %d tokens to fit the context", room)
-        prompts = [list(p)[-room:] for p in prompts]
-    tokens, pad = left_pad(prompts)
+    tokens, pad = left_pad(fitted)
     fn = jitted_generate_fn(graphdef, cfg, sampling)
     out, lengths = jax.device_get(fn(params, tokens, pad, jax.random.key(seed)))
     result = []
@@ -283,13 +290,11 @@ class Loaded:
 def read_checkpoint_info(checkpoint) -> tuple[ModelConfig, object]:
     """(model config, tokenizer or None) of a checkpoint, without reading its weights."""
     from gptjax import config as config_lib
-    from gptjax.checkpoint import read_step_json, resolve
+    from gptjax.checkpoint import read_checkpoint_json
     from gptjax.tokenizer import tokenizer_from_record
 
-    directory, step = resolve(checkpoint)
-    cfg = config_lib.from_dict(read_step_json(directory / str(step), "config")).model
-    record = read_step_json(directory / str(step), "tokenizer")
-    return cfg, tokenizer_from_record(record) if record else None
+    stored, record = read_checkpoint_json(checkpoint)
+    return config_lib.from_dict(stored).model, tokenizer_from_record(record) if record else None
 
 
 def load(checkpoint, mesh=None, info=None) -> Loaded:
@@ -353,11 +358,8 @@ def from_checkpoint(
     new = loaded.generate(ids, sampling, seed)
     if tokenizer is None:
         return new, None
-    # The ids generate_ids saw (a prompt longer than the context was cut from the left).
-    room = cfg.seq_len - sampling.max_new_tokens
-    seen = [list(p)[-room:] for p in ids]
     texts, cut = [], []
-    for p, n in zip(seen, new, strict=True):
+    for p, n in zip(fit_prompts(cfg, ids, sampling), new, strict=True):  # the ids it saw
         texts.append(cut_at_stop(continuation_text(tokenizer, p, n), stop_sequences))
         cut.append(
             cut_ids_at_stop(functools.partial(continuation_text, tokenizer, p), n, stop_sequences)

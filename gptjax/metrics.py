@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import jax
 
+from gptjax.files import write_text_atomic
+
 
 class Device(NamedTuple):
     peak_flops: float  # dense FLOP/s per device in the compute dtype that matters
@@ -73,9 +75,7 @@ class MetricsWriter:
         if not self.path.exists():
             return
         kept = [r for r in _records(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:

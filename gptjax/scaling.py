@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gptjax.files import json_safe, write_text_atomic
+
 HUBER_DELTA = 1e-3
 # Chinchilla's grid of initialisations (appendix D.2).
 GRID = {
@@ -520,18 +522,6 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def json_safe(obj):
-    """`obj` with every NaN or infinite float replaced by None (JSON null): strict JSON,
-    e.g. a bootstrap std of a single sample."""
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
-
-
 def main(
     results: str,
     budget: float | None = None,
@@ -555,9 +545,9 @@ def main(
     out_dir = Path(out) if out else (path if path.is_dir() else path.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(format_report(result))
-    tmp = out_dir / ".fit.json.tmp"
-    tmp.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, out_dir / "fit.json")
+    write_text_atomic(
+        out_dir / "fit.json", json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n"
+    )
     pngs = plot(points, result["approach3"], result["approach2"], cost_model(points), out_dir)
     print(f"wrote {out_dir / 'fit.json'}, " + ", ".join(str(p) for p in pngs))
     return result

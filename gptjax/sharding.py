@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gptjax.config import MeshConfig
+from gptjax.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -41,18 +41,19 @@ RULES: dict[str, tuple[str, ...]] = {
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
-    """Resolve the (data, fsdp, tensor) shape; one -1 takes the devices left over."""
+    """Resolve the (data, fsdp, tensor) shape; one -1 takes the devices left over.
+    A shape that does not fit the devices is a ConfigError (a ValueError)."""
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+        raise ConfigError(f"at most one mesh axis may be -1, got {sizes}")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh sizes must be positive or -1, got {sizes}")
+        raise ConfigError(f"mesh sizes must be positive or -1, got {sizes}")
     known = math.prod(s for s in sizes if s != -1)
     if n_devices % known:
-        raise ValueError(f"mesh {sizes} does not divide the {n_devices} devices")
+        raise ConfigError(f"mesh {sizes} does not divide the {n_devices} devices")
     sizes = [n_devices // known if s == -1 else s for s in sizes]
     if math.prod(sizes) != n_devices:
-        raise ValueError(
+        raise ConfigError(
             f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} uses "
             f"{math.prod(sizes)} devices, but {n_devices} are present"
         )

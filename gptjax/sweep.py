@@ -20,9 +20,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib.util
+import io
 import json
 import logging
-import os
 import re
 import sys
 import typing
@@ -32,6 +32,7 @@ from typing import Literal
 
 from gptjax import config as config_lib
 from gptjax.config import Config, ConfigError
+from gptjax.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -318,15 +319,6 @@ def tokenizer_vocab(config_path: str, overrides: Sequence[str]) -> int:
 RUN_RECORD = "sweep_run.json"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name beside `path`, then rename: readers (and a sweep
-    interrupted mid-write) see the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _check_record(sweep: Sweep, run: Run) -> None:
     """A workdir belongs to one run spec; reusing OUT for a different sweep is an error."""
     path = sweep.workdir(run) / RUN_RECORD
@@ -345,7 +337,7 @@ def _check_record(sweep: Sweep, run: Run) -> None:
                 "use another --out (or delete that run directory)"
             )
         return
-    _write_atomic(path, json.dumps(spec, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(spec, indent=2) + "\n")
 
 
 def result_of(sweep: Sweep, run: Run) -> dict | None:
@@ -380,7 +372,7 @@ def run_all(sweep: Sweep) -> list[dict]:
             train.train(sweep.config(run), sweep.workdir(run))
         except train.NonFiniteLoss as e:
             print(f"{run.name}: diverged ({e})", flush=True)
-            _write_atomic(sweep.workdir(run) / "diverged", str(e) + "\n")
+            write_text_atomic(sweep.workdir(run) / "diverged", str(e) + "\n")
         write_results(sweep)
     return write_results(sweep)
 
@@ -429,16 +421,13 @@ def write_results(sweep: Sweep) -> list[dict]:
         },
         "runs": rows,
     }
-    tmp = sweep.out / "results.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(sweep.out / "results.json")
-    tmp = sweep.out / "results.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row[k] is None else row[k]) for k in COLUMNS})
-    tmp.replace(sweep.out / "results.csv")
+    write_text_atomic(sweep.out / "results.json", json.dumps(meta, indent=2) + "\n")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row[k] is None else row[k]) for k in COLUMNS})
+    write_text_atomic(sweep.out / "results.csv", table.getvalue())
     return rows
 
 

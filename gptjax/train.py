@@ -30,8 +30,7 @@ from gptjax.checkpoint import (
     abstract_with_shardings,
     checkpoint_dir,
     load_params,
-    read_step_json,
-    resolve,
+    read_checkpoint_json,
 )
 from gptjax.config import Config
 from gptjax.distributed import primary_first
@@ -179,12 +178,6 @@ def resolve_vocab(cfg: Config, vocab_size: int) -> Config:
     return cfg
 
 
-def _init_tokenizer(cfg: Config) -> dict:
-    """The tokenizer record of the train.init_from checkpoint ({} when it has none)."""
-    directory, step = resolve(cfg.train.init_from)
-    return read_step_json(directory / str(step), "tokenizer")
-
-
 def _init_params(path: str, abstract_params, shardings) -> dict:
     """train.init_from's parameters, placed on the run's shardings; another model shape
     is a CheckpointError naming the parameters."""
@@ -246,10 +239,7 @@ def train(cfg: Config, workdir: str | Path) -> dict:
             "tokenizer.kind=gpt2 needs tokenizer.path: a directory holding encoder.json and "
             "vocab.bpe (--config.tokenizer.path=DIR)"
         )
-    try:  # before any data work: a mesh that does not fit the devices fails at once
-        sharding.mesh_shape(cfg.mesh, jax.device_count())
-    except ValueError as e:
-        raise config_lib.ConfigError(f"mesh: {e}") from None
+    sharding.mesh_shape(cfg.mesh, jax.device_count())  # before any data work: fail at once
     workdir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
     ckpt = Checkpointer(checkpoint_dir(workdir), cfg.checkpoint)
@@ -262,7 +252,11 @@ def train(cfg: Config, workdir: str | Path) -> dict:
         if resuming:
             _, _, record = ckpt.read_latest_json()
             tokenizer = tokenizer_from_record(record)
-        elif cfg.train.init_from and not cfg.tokenizer.path and (record := _init_tokenizer(cfg)):
+        elif (
+            cfg.train.init_from
+            and not cfg.tokenizer.path
+            and (record := read_checkpoint_json(cfg.train.init_from)[1])
+        ):
             tokenizer = tokenizer_from_record(record)
         else:
             tokenizer = data.get_tokenizer(cfg, workdir)

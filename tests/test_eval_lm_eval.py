@@ -13,13 +13,13 @@ forward pass (model.apply over each window, log-softmax, gather / argmax).
 """
 
 import json
-import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_reference import random_gpt2
 
 from gptjax import model
 from gptjax.eval import cli_main
@@ -85,7 +85,6 @@ def gpt2(lm_eval, shared_data, tmp_path_factory):
     """(HF directory, gptjax checkpoint) of one seeded random GPT-2 with the real GPT-2
     BPE, so both sides tokenize identically. Every parameter is random (LayerNorm gains
     and biases too, so a misplaced one cannot hide) and the logits are far from uniform."""
-    torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from gptjax.convert import import_hf_gpt2
 
@@ -99,24 +98,10 @@ def gpt2(lm_eval, shared_data, tmp_path_factory):
     tok = transformers.GPT2TokenizerFast.from_pretrained(str(hf))
     assert tok("Hello world").input_ids == [15496, 995], "GPT-2 tokenizer did not load"
     tok.save_pretrained(hf)
-    cfg = transformers.GPT2Config(
-        vocab_size=50257, n_positions=N_CTX, n_embd=32, n_layer=2, n_head=4,
+    net = random_gpt2(
+        0, vocab_size=50257, n_positions=N_CTX, n_embd=32, n_layer=2, n_head=4,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )  # fmt: skip
-    torch.manual_seed(0)
-    net = transformers.GPT2LMHeadModel(cfg).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "ln_" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            elif "wte" in name or "wpe" in name:
-                p.copy_(0.5 * noise)
-            else:  # Conv1D weights are [in, out]
-                p.copy_(noise / math.sqrt(p.shape[0]))
     net.save_pretrained(hf, safe_serialization=True)
     return hf, import_hf_gpt2(hf, work / "ckpt")
 

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from gptjax.eval import fewshot, metrics
 from gptjax.eval.scoring import EvalModel
 from gptjax.eval.tasks import Example, Task
+from gptjax.files import json_safe, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -196,24 +196,6 @@ def evaluate_task(
 # ----------------------------------------------------------------------------- outputs
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def _table_metrics(kind: str, primary: str) -> list[str]:
     if kind == "mc":
         return [primary] + (["acc"] if primary != "acc" else [])
@@ -333,7 +315,7 @@ def run(
 
     def save():
         if opts.output:
-            _write_atomic(opts.output, json.dumps(_json_safe(report), indent=2) + "\n")
+            write_text_atomic(opts.output, json.dumps(json_safe(report), indent=2) + "\n")
 
     try:
         for task in tasks:
@@ -360,7 +342,7 @@ def run(
                 if opts.samples:
                     with open(opts.samples, "a", encoding="utf-8") as f:
                         for s in samples:
-                            f.write(json.dumps(_json_safe(s)) + "\n")
+                            f.write(json.dumps(json_safe(s)) + "\n")
                 save()
     finally:  # an interrupt still leaves what was finished on disk
         save()
