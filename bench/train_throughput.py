@@ -153,12 +153,7 @@ class GptjaxTrainer:
             graphdef, _abstract, sh = train.state_shardings(cfg, mesh, tx)
             self.state = train.init_state(cfg, mesh, tx, sh)
             batch_sh = NamedSharding(mesh, P(None, sharding.RULES["batch"], None))
-            step = jax.jit(
-                train.make_train_step(cfg, graphdef, tx),
-                in_shardings=(sh, batch_sh),
-                out_shardings=(sh, None),
-                donate_argnums=0,
-            )
+            step = train.jit_step(train.make_train_step(cfg, graphdef, tx), mesh, sh, batch_sh)
             self.batches = [jax.device_put(b[None], batch_sh) for b in batches]
             # Host copy of the initial weights (the state is donated to the first step).
             self.init_params = jax.device_get(self.state.params)

@@ -74,7 +74,7 @@ from gptjax.finetune_data import (
 from gptjax.model import _dropout
 from gptjax.optim import lr_schedule, make_optimizer
 from gptjax.tokenizer import load_tokenizer, tokenizer_from_record
-from gptjax.train import NonFiniteLoss, Preempted, TrainState, _SigtermFlag
+from gptjax.train import NonFiniteLoss, Preempted, TrainState, _SigtermFlag, jit_step
 
 log = logging.getLogger(__name__)
 
@@ -486,11 +486,11 @@ def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dic
             log.info("resumed from step %d in %s", start, ckpt.directory)
         else:
             state, start = _initial_state(cfg, model_cfg, base_cfg, spec, tx, state_sh, mesh), 0
-        step_fn = jax.jit(
+        step_fn = jit_step(
             make_finetune_step(cfg, model_cfg, spec, graphdef, tx, schedule),
-            in_shardings=(state_sh, batch_sh),
-            out_shardings=(state_sh, None),
-            donate_argnums=0,
+            mesh,
+            state_sh,
+            batch_sh,
         )
         eval_fn = jax.jit(
             lambda p, b: forward(graphdef, p, b["tokens"], b["extract"], spec)[0],

@@ -10,6 +10,7 @@ H head dim, F ffn dim, V (padded) vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flax.struct
@@ -68,12 +69,80 @@ def _cotangent_barrier_fwd(x):
 
 
 def _cotangent_barrier_bwd(_, g):
-    if jax.default_backend() != "cpu":  # GPU/TPU fusion heuristics do not duplicate it
+    if not _cpu_lowering():  # GPU/TPU fusion heuristics do not duplicate it
         return (g,)
     return (g / (1 + 0 * g),)
 
 
 _cotangent_barrier.defvjp(_cotangent_barrier_fwd, _cotangent_barrier_bwd)
+
+
+_PORTABLE = False  # set by portable_lowering()
+
+
+@contextlib.contextmanager
+def portable_lowering():
+    """Trace the model as for GPU/TPU even on a CPU backend: `gptjax plan` compiles for
+    simulated CPU devices but reports the memory of the target's program."""
+    global _PORTABLE
+    previous, _PORTABLE = _PORTABLE, True
+    try:
+        yield
+    finally:
+        _PORTABLE = previous
+
+
+def _cpu_lowering() -> bool:
+    """Whether to emit the XLA:CPU-specific forms below (at trace time)."""
+    return not _PORTABLE and jax.default_backend() == "cpu"
+
+
+def project(x, w, n_in: int = 1):
+    """Contract the last n_in axes of x with the first n_in axes of w (a dense layer).
+
+    On CPU it runs as one 2-D matmul with its own backward (`_matmul_cpu`); elsewhere
+    it is the plain dot_general, whose layouts GPU/TPU compilers choose well.
+    """
+    if not _cpu_lowering():
+        return jnp.tensordot(x, w, n_in)
+    lead, out = x.shape[: x.ndim - n_in], w.shape[n_in:]
+    size_in = math.prod(w.shape[:n_in])
+    y = _matmul_cpu(x.reshape(-1, size_in), w.reshape(size_in, -1))
+    return y.reshape(*lead, *out)
+
+
+def _no_fold(a):
+    """Identity that XLA cannot fold into a neighbouring dot (see _cotangent_barrier)."""
+    return a / (1 + 0 * a)
+
+
+@jax.custom_vjp
+def _matmul_cpu(x_TxI, w_IxO):
+    return x_TxI @ w_IxO
+
+
+def _matmul_cpu_fwd(x_TxI, w_IxO):
+    return x_TxI @ w_IxO, (x_TxI, w_IxO)
+
+
+def _matmul_cpu_bwd(res, g_TxO):
+    """The weight gradient as a row-major matmul over tokens.
+
+    Autodiff's dW = x^T g contracts the tokens, the major axis of both operands. XLA:CPU
+    either runs that on Eigen's slow transposed-operand path or folds the transpose
+    back into the dot; materialising the smaller operand transposed (a cheap copy,
+    kept by _no_fold) gives YNNPACK/Eigen the layout they are fast on.
+    """
+    x_TxI, w_IxO = res
+    dx_TxI = jax.lax.dot_general(g_TxO, w_IxO, (((1,), (1,)), ((), ())))
+    if x_TxI.shape[1] <= w_IxO.shape[1]:
+        dw_IxO = _no_fold(x_TxI.T) @ g_TxO
+    else:
+        dw_IxO = _no_fold(_no_fold(g_TxO.T) @ x_TxI).T
+    return dx_TxI, dw_IxO.astype(w_IxO.dtype)
+
+
+_matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
 
 
 class Norm(nnx.Module):
@@ -209,9 +278,16 @@ class Attention(nnx.Module):
     def __call__(self, x_BxLxD, positions_BxL, window: int, rng, cache: LayerCache | None = None):
         """Attention output [B, L, D], and with a cache also the layer's updated (k, v)."""
         cfg, dt = self.cfg, x_BxLxD.dtype
-        q_BxLxNxH = jnp.einsum("bld,dnh->blnh", x_BxLxD, self.wq[...].astype(dt))
-        k_BxLxKxH = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wk[...].astype(dt))
-        v_BxLxKxH = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wv[...].astype(dt))
+        if cache is None and cfg.kv_heads == cfg.n_head:
+            # One [D, 3NH] matmul instead of three. Not when decoding: stacking would
+            # copy the weights at every step of a memory-bound loop.
+            w_Dx3xNxH = jnp.stack([self.wq[...], self.wk[...], self.wv[...]], axis=1)
+            qkv_BxLx3xNxH = project(x_BxLxD, w_Dx3xNxH.astype(dt))
+            q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
+        else:
+            q_BxLxNxH = project(x_BxLxD, self.wq[...].astype(dt))
+            k_BxLxKxH = project(x_BxLxD, self.wk[...].astype(dt))
+            v_BxLxKxH = project(x_BxLxD, self.wv[...].astype(dt))
         if cfg.use_bias:
             q_BxLxNxH += self.bq[...].astype(dt)
             k_BxLxKxH += self.bk[...].astype(dt)
@@ -236,7 +312,7 @@ class Attention(nnx.Module):
                 local_window_size=(window - 1, 0) if window else None,
                 implementation=cfg.attention_impl,
             )
-        out_BxLxD = jnp.einsum("blnh,nhd->bld", out_BxLxNxH, self.wo[...].astype(dt))
+        out_BxLxD = project(out_BxLxNxH, self.wo[...].astype(dt), n_in=2)
         if cfg.use_bias:
             out_BxLxD += self.bo[...].astype(dt)
         return (out_BxLxD, new_kv) if cache is not None else out_BxLxD
@@ -321,16 +397,16 @@ class Mlp(nnx.Module):
 
     def __call__(self, x_BxLxD):
         dt = x_BxLxD.dtype
-        h_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_in[...].astype(dt))
+        h_BxLxF = project(x_BxLxD, self.w_in[...].astype(dt))
         if self.cfg.use_bias:
             h_BxLxF += self.b_in[...].astype(dt)
         if self.cfg.mlp == "swiglu":
-            gate_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_gate[...].astype(dt))
+            gate_BxLxF = project(x_BxLxD, self.w_gate[...].astype(dt))
             h_BxLxF = jax.nn.silu(gate_BxLxF) * h_BxLxF
         else:
             h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)  # GPT-2's tanh GELU
         h_BxLxF = constrain(h_BxLxF, ("batch", None, "act_mlp"))
-        out_BxLxD = jnp.einsum("blf,fd->bld", h_BxLxF, self.w_out[...].astype(dt))
+        out_BxLxD = project(h_BxLxF, self.w_out[...].astype(dt))
         if self.cfg.use_bias:
             out_BxLxD += self.b_out[...].astype(dt)
         return out_BxLxD

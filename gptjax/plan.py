@@ -246,7 +246,8 @@ def compile_step(cfg: Config, layout: Layout, devices=None):
             out_shardings=(state_sh, None),
             donate_argnums=0,
         )
-        compiled = step.lower(state, batch).compile()
+        with model.portable_lowering():  # the target's program, not the CPU forms
+            compiled = step.lower(state, batch).compile()
     sizes = {
         "params": shard_bytes(abstract.params, state_sh.params),
         "opt_state": shard_bytes(abstract.opt_state, state_sh.opt_state),

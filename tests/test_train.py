@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -329,3 +330,28 @@ def test_quickstart_main_job_end_to_end(tmp_path, capsys):
         assert (workdir / artifact).exists(), artifact
     assert Checkpointer(checkpoint_dir(workdir)).steps() == [6]
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_train_steps_compile_with_the_cpu_options():
+    """jit_step compiles with train.CPU_STEP_OPTIONS on a CPU mesh: no matmul in a
+    YNNPACK fusion, where a plain jax.jit of the same step puts it."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from gptjax import sharding
+
+    mesh = sharding.make_mesh(MeshConfig(), jax.devices()[:1])
+    replicated = NamedSharding(mesh, P())
+
+    def step(state_NxN, batch_NxN):
+        return state_NxN @ batch_NxN, {"sum": (state_NxN @ batch_NxN).sum()}
+
+    def ynn_dots(jitted):
+        hlo = jitted.lower(x, x).compile().as_text()
+        fused_dot = re.compile(r'op_name="[^"]*dot_general".*__ynn_fusion')
+        return [line for line in hlo.splitlines() if fused_dot.search(line)]
+
+    x = np.ones((256, 256), np.float32)
+    assert ynn_dots(train.jit_step(step, mesh, replicated, replicated)) == []
+    assert ynn_dots(jax.jit(step))
