@@ -38,6 +38,10 @@ GRID = {
     "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
 }
 NAMES = ("E", "A", "B", "alpha", "beta")
+# L-BFGS-B box for theta = (a, b, e, alpha, beta), wide around the grid: with few or
+# noisy runs the amplitudes and exponents trade off without limit (a -> inf with alpha),
+# and exp(a) would overflow to an infinite A whose predictions are NaN.
+BOUNDS = ((-20.0, 60.0), (-20.0, 60.0), (-10.0, 10.0), (0.0, 5.0), (0.0, 5.0))
 
 
 class ScalingError(ValueError):
@@ -172,7 +176,8 @@ def fit_approach3(points: Points, starts: int = 64, extra_inits: Sequence = ()) 
     best = None
     for x0 in inits:
         res = minimize(
-            _objective, x0, args=(log_n, log_d, log_l), jac=True, method="L-BFGS-B",
+            _objective, np.clip(x0, *np.array(BOUNDS).T), args=(log_n, log_d, log_l),
+            jac=True, method="L-BFGS-B", bounds=BOUNDS,
             options={"maxiter": 1000, "gtol": 1e-12, "ftol": 1e-15},
         )  # fmt: skip
         if best is None or res.fun < best.fun:
@@ -186,6 +191,14 @@ def fit_approach3(points: Points, starts: int = 64, extra_inits: Sequence = ()) 
         "beta": float(beta),
         "objective": float(best.fun),
         "theta": [float(v) for v in best.x],
+        # parameters the data did not pin down: the fit ran into the BOUNDS box
+        "at_bound": [
+            name
+            for name, v, (lo, hi) in zip(
+                ("a", "b", "e", "alpha", "beta"), best.x, BOUNDS, strict=True
+            )
+            if min(v - lo, hi - v) < 1e-6
+        ],
     }
 
 

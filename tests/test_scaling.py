@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import shlex
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,25 @@ def write_results(path: Path, n, d, loss, budget=None, flops=None) -> Path:
 
 
 # ----------------------------------------------------------------------------- fits
+
+
+def test_approach3_on_data_that_cannot_pin_it_stays_finite(tmp_path):
+    """Six noisy tiny runs (3 sizes x 2 token counts, losses not monotone in either):
+    an unbounded L-BFGS drifts to a = 817, beta = -14, and exp(a) overflows to an
+    infinite A whose predictions are NaN. The fit stays inside scaling.BOUNDS, predicts
+    finite losses, and names the parameters that ran into the box."""
+    n = np.repeat([1.16e5, 2.32e5, 4.64e5], 2)
+    d = np.tile([3.86e5, 7.73e5], 3)
+    loss = np.array([5.172, 5.546, 4.604, 4.801, 5.280, 5.015])
+    points = scaling.read_results(write_results(tmp_path / "r.json", n, d, loss))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fit = scaling.fit_approach3(points)
+        predicted = scaling.predict(fit, n, d)
+    assert all(np.isfinite(fit[k]) for k in scaling.NAMES)
+    assert fit["alpha"] >= 0 and fit["beta"] >= 0
+    assert np.isfinite(predicted).all() and np.abs(predicted - loss).max() < 0.5
+    assert fit["at_bound"] and set(fit["at_bound"]) <= {"a", "b", "e", "alpha", "beta"}
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.003])
