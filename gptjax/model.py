@@ -50,6 +50,12 @@ def _dropout(x, rate: float, rng):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def _no_fold(a):
+    """a / (1 + 0 * a): equal to a for finite values, and a divide is an op XLA:CPU
+    neither duplicates into its consumers' fusions nor folds into a neighbouring dot."""
+    return a / (1 + 0 * a)
+
+
 @jax.custom_vjp
 def _cotangent_barrier(x):
     """Identity whose cotangent XLA:CPU computes once instead of once per use.
@@ -71,7 +77,7 @@ def _cotangent_barrier_fwd(x):
 def _cotangent_barrier_bwd(_, g):
     if not _cpu_lowering():  # GPU/TPU fusion heuristics do not duplicate it
         return (g,)
-    return (g / (1 + 0 * g),)
+    return (_no_fold(g),)
 
 
 _cotangent_barrier.defvjp(_cotangent_barrier_fwd, _cotangent_barrier_bwd)
@@ -92,6 +98,11 @@ def portable_lowering():
         _PORTABLE = previous
 
 
+def portable() -> bool:
+    """Whether portable_lowering() is active."""
+    return _PORTABLE
+
+
 def _cpu_lowering() -> bool:
     """Whether to emit the XLA:CPU-specific forms below (at trace time)."""
     return not _PORTABLE and jax.default_backend() == "cpu"
@@ -109,11 +120,6 @@ def project(x, w, n_in: int = 1):
     size_in = math.prod(w.shape[:n_in])
     y = _matmul_cpu(x.reshape(-1, size_in), w.reshape(size_in, -1))
     return y.reshape(*lead, *out)
-
-
-def _no_fold(a):
-    """Identity that XLA cannot fold into a neighbouring dot (see _cotangent_barrier)."""
-    return a / (1 + 0 * a)
 
 
 @jax.custom_vjp

@@ -240,13 +240,10 @@ def compile_step(cfg: Config, layout: Layout, devices=None):
             jnp.int32,
             sharding=batch_sh,
         )
-        step = jax.jit(
-            train.make_train_step(cfg, graphdef, tx),
-            in_shardings=(state_sh, batch_sh),
-            out_shardings=(state_sh, None),
-            donate_argnums=0,
-        )
         with model.portable_lowering():  # the target's program, not the CPU forms
+            step = train.jit_step(
+                train.make_train_step(cfg, graphdef, tx), mesh, state_sh, batch_sh
+            )
             compiled = step.lower(state, batch).compile()
     sizes = {
         "params": shard_bytes(abstract.params, state_sh.params),

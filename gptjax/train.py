@@ -157,8 +157,9 @@ CPU_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE
 
 def jit_step(step_fn, mesh, state_sh, batch_sh):
     """step_fn(state, batch) -> (state, metrics) under jax.jit: sharded, the state
-    donated, and compiled with CPU_STEP_OPTIONS on a CPU mesh."""
-    cpu = mesh.devices.flat[0].platform == "cpu"
+    donated, and compiled with CPU_STEP_OPTIONS on a CPU mesh (unless under
+    model.portable_lowering, where the step stands for a GPU/TPU one)."""
+    cpu = mesh.devices.flat[0].platform == "cpu" and not model.portable()
     return jax.jit(
         step_fn,
         in_shardings=(state_sh, batch_sh),

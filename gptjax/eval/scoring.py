@@ -19,9 +19,10 @@ Shapes are bucketed so compiles are few: context and continuation lengths to
 {8, 16, 24, 32, 48, 64, 96, 128, ...} (powers of two, with 1.5x steps from 16 on;
 `length_bucket`), rows to powers of two (and to a multiple of the batch shards), and the
 number of scored positions to the same buckets from 64 on, in multiples of 64 (the LM-head
-block) and of the batch shards; the LM head skips the blocks of that last padding. Padding never changes a number: contexts are left-padded
-with the padding slots masked out of attention, continuations right-padded behind the
-causal mask, and padded rows are discarded.
+block) and of the batch shards; the LM head skips the blocks of that last padding.
+Padding never changes a number: contexts are left-padded with the padding slots masked
+out of attention, continuations right-padded behind the causal mask, and padded rows are
+discarded.
 
 On a mesh the parameters keep their derived shardings (fsdp/tensor) and batch rows are
 split over (data, fsdp), so the same code evaluates a GPT-3-size checkpoint.
