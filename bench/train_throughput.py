@@ -86,6 +86,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="sdpa",
         help="transformers attn_implementation",
     )
+    p.add_argument(
+        "--malloc",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep: gptjax.hostmem.keep_freed_memory() for the whole process (as `gptjax "
+        "train` does); default: glibc's defaults",
+    )
     p.add_argument("--only", choices=("both", "gptjax", "transformers"), default="both")
     p.add_argument(
         "--order",
@@ -405,6 +412,11 @@ def summarize(name: str, times: list[float], tokens_per_step: int, flops_tok: fl
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # The allocator settings `gptjax train` applies (gptjax/hostmem.py), before either
+    # framework starts its threads; process-wide, so both frameworks run under them.
+    from gptjax import hostmem
+
+    kept = args.malloc == "keep" and hostmem.keep_freed_memory()
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         print(
             "warning: XLA_FLAGS simulates several CPU devices; this bench uses one device and "
@@ -429,6 +441,8 @@ def main(argv=None) -> None:
     print("== machine")
     for line in machine_info(threads):
         print("  " + line)
+    how = "kept for reuse (gptjax.hostmem)" if kept else "glibc defaults"
+    print(f"  malloc: {how}, for both frameworks")
     print("== workload")
     print(
         f"  GPT-2 shape: vocab {m.vocab_size} (padded {m.padded_vocab}), seq_len {m.seq_len}, "

@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from gptjax import hostmem
+
 
 def _split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
     """`--config.a.b=value` or `--config.a.b value` -> ["a.b=value", ...]."""
@@ -452,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    hostmem.keep_freed_memory()  # before JAX starts its threads (gptjax/hostmem.py)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

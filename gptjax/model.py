@@ -289,15 +289,18 @@ class Attention(nnx.Module):
             # copy the weights at every step of a memory-bound loop.
             w_Dx3xNxH = jnp.stack([self.wq[...], self.wk[...], self.wv[...]], axis=1)
             qkv_BxLx3xNxH = project(x_BxLxD, w_Dx3xNxH.astype(dt))
+            if cfg.use_bias:  # one add (and one bias-gradient reduction), not three
+                b_3xNxH = jnp.stack([self.bq[...], self.bk[...], self.bv[...]], axis=0)
+                qkv_BxLx3xNxH += b_3xNxH.astype(dt)
             q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
         else:
             q_BxLxNxH = project(x_BxLxD, self.wq[...].astype(dt))
             k_BxLxKxH = project(x_BxLxD, self.wk[...].astype(dt))
             v_BxLxKxH = project(x_BxLxD, self.wv[...].astype(dt))
-        if cfg.use_bias:
-            q_BxLxNxH += self.bq[...].astype(dt)
-            k_BxLxKxH += self.bk[...].astype(dt)
-            v_BxLxKxH += self.bv[...].astype(dt)
+            if cfg.use_bias:
+                q_BxLxNxH += self.bq[...].astype(dt)
+                k_BxLxKxH += self.bk[...].astype(dt)
+                v_BxLxKxH += self.bv[...].astype(dt)
         if cfg.position == "rope":
             q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
             k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, cfg.rope_theta)

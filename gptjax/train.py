@@ -147,12 +147,16 @@ def make_train_step(cfg: Config, graphdef, tx):
     return train_step
 
 
-# XLA:CPU options for training steps: YNNPACK only for reductions, so the matmuls run on
-# XLA's own (Eigen) emitters. On the 6 x 384 train bench (BENCHMARKS.md) a step is ~7%
-# faster than with XLA's default (YNNPACK dots too) and ~3% faster than with YNNPACK
-# off (reductions then go through XLA's slower tree-reduction rewrite). Not for
+# XLA:CPU options for training steps: the matmuls run as oneDNN matmuls (XLA's
+# LibraryRewriter), YNNPACK takes only the reductions. On the 6 x 384 train bench
+# (BENCHMARKS.md) oneDNN's matmuls made a step ~4-7% faster than XLA's Eigen emitters in
+# paired A/Bs, with identical losses; YNNPACK's dots were slower than either. Not for
 # evaluation or decoding, whose skinny matmuls YNNPACK wins.
-CPU_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+CPU_STEP_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
+    "xla_cpu_use_onednn": True,
+    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
 
 
 def jit_step(step_fn, mesh, state_sh, batch_sh):
