@@ -46,6 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="both frameworks")
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
+    p.add_argument(
+        "--malloc",
+        choices=("keep", "default"),
+        default="default",
+        help="keep: gptjax.hostmem.keep_freed_memory() for the whole process (what `gptjax "
+        "train` applies; it made this bench slower for gptjax, faster for lm-eval); "
+        "default: glibc's defaults, as `gptjax eval` runs",
+    )
     return p.parse_args(argv)
 
 
@@ -148,6 +156,11 @@ def run_gptjax(args, ckpt: Path) -> list[tuple[float, dict]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Optionally the allocator settings of `gptjax train` (gptjax/hostmem.py), before either
+    # framework starts its threads; process-wide, so lm-eval's torch runs under them too.
+    from gptjax import hostmem
+
+    kept = args.malloc == "keep" and hostmem.keep_freed_memory()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not (args.data / "hellaswag").is_dir():
@@ -171,7 +184,8 @@ def main(argv=None) -> int:
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads)"
+        f"({torch.get_num_threads()} threads); malloc "
+        + ("kept for reuse (gptjax.hostmem), both frameworks" if kept else "glibc defaults")
     )
     print(
         f"model: GPT-2 {args.n_layer} layers x d_model {args.d_model}, {args.n_head} heads, "

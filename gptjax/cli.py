@@ -454,11 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    hostmem.keep_freed_memory()  # before JAX starts its threads (gptjax/hostmem.py)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["train"], ["finetune"]):  # before JAX starts its threads; see hostmem
+        hostmem.keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["eval"]:
         from gptjax.eval import cli_main
 
