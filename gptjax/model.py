@@ -137,7 +137,8 @@ def _matmul_cpu_bwd(res, g_TxO):
     Autodiff's dW = x^T g contracts the tokens, the major axis of both operands. XLA:CPU
     either runs that on Eigen's slow transposed-operand path or folds the transpose
     back into the dot; materialising the smaller operand transposed (a cheap copy,
-    kept by _no_fold) gives YNNPACK/Eigen the layout they are fast on.
+    kept by _no_fold) gives the CPU matmul libraries the layout they are fast on (with
+    train steps' oneDNN matmuls too: a plain tensordot step was 4-5% slower).
     """
     x_TxI, w_IxO = res
     dx_TxI = jax.lax.dot_general(g_TxO, w_IxO, (((1,), (1,)), ((), ())))
