@@ -157,11 +157,23 @@ CPU_STEP_OPTIONS = {
     "xla_cpu_use_onednn": True,
     "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
 }
+# jaxlib 0.10's persistent compilation cache cannot serialize a oneDNN fusion ("ToProto
+# is not implemented for thunk kind: onednn-fusion"): such a step would be recompiled by
+# every process. With the cache on, steps keep XLA's Eigen matmuls (the cacheable,
+# variant, 2-7% slower on the bench) so that the cache does its job.
+CPU_CACHEABLE_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def cpu_step_options() -> dict:
+    """CPU_STEP_OPTIONS, or CPU_CACHEABLE_STEP_OPTIONS when JAX's persistent
+    compilation cache is on (a cache directory is configured)."""
+    cache_on = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
+    return CPU_CACHEABLE_STEP_OPTIONS if cache_on else CPU_STEP_OPTIONS
 
 
 def jit_step(step_fn, mesh, state_sh, batch_sh):
     """step_fn(state, batch) -> (state, metrics) under jax.jit: sharded, the state
-    donated, and compiled with CPU_STEP_OPTIONS on a CPU mesh (unless under
+    donated, and compiled with cpu_step_options() on a CPU mesh (unless under
     model.portable_lowering, where the step stands for a GPU/TPU one)."""
     cpu = mesh.devices.flat[0].platform == "cpu" and not model.portable()
     return jax.jit(
@@ -169,7 +181,7 @@ def jit_step(step_fn, mesh, state_sh, batch_sh):
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, None),
         donate_argnums=0,
-        compiler_options=CPU_STEP_OPTIONS if cpu else None,
+        compiler_options=cpu_step_options() if cpu else None,
     )
 
 
