@@ -236,6 +236,7 @@ class LayerCache:
     index: jax.Array  # slot of the first token of the current chunk
     key_valid_BxS: jax.Array  # False at left-padding slots
     fresh: bool = flax.struct.field(pytree_node=False, default=False)  # nothing cached yet
+    chunk_segment_BxT: jax.Array | None = None  # see KVCache
 
 
 @flax.struct.dataclass
@@ -255,6 +256,11 @@ class KVCache:
     # Static: True until the first chunk is written, so prefill attends to its own
     # chunk only (no work, and no constant folding, over an all-zero cache).
     fresh: bool = flax.struct.field(pytree_node=False, default=False)
+    # A packed chunk (scoring several continuations of one cached context in one row):
+    # segment id of each chunk token, its segments contiguous. A token attends to the
+    # cache and to the earlier tokens of its own segment only, and each segment sits at
+    # slots index.. as if it were alone (for the local band). None: one sequence.
+    chunk_segment_BxT: jax.Array | None = None
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, slots: int, key_valid_BxS=None, dtype=None):
@@ -351,17 +357,22 @@ class Attention(nnx.Module):
             new_ok_TxT &= jnp.arange(t)[:, None] - jnp.arange(t)[None, :] < window
         new_valid_BxT = jax.lax.dynamic_slice_in_dim(cache.key_valid_BxS, cache.index, t, axis=1)
         new_ok_BxTxT = new_ok_TxT[None] & new_valid_BxT[:, None, :]
+        q_slot_BxTx1 = cache.index + jnp.arange(t)[None, :, None]
+        if cache.chunk_segment_BxT is not None:
+            same_BxTxT = cache.chunk_segment_BxT[:, :, None] == cache.chunk_segment_BxT[:, None, :]
+            new_ok_BxTxT &= same_BxTxT  # within a segment, slot distances are offsets
+            # Each token's slot as if its segment began at index: its offset in it.
+            first_BxT = jnp.argmax(same_BxTxT, axis=-1)
+            q_slot_BxTx1 = cache.index + (jnp.arange(t)[None] - first_BxT)[..., None]
         new_BxKxGxTxT = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_new_BxKxTxH)
         scores = [jnp.where(new_ok_BxTxT[:, None, None], new_BxKxGxTxT, neg)]
         values = [v_new_BxKxTxH]
         if not cache.fresh:
             s = cache.k_BxKxSxH.shape[2]
-            q_slot_Tx1 = cache.index + jnp.arange(t)[:, None]
-            old_slot_1xS = jnp.arange(s)[None, :]
-            old_ok_TxS = old_slot_1xS < cache.index
+            old_slot_1x1xS = jnp.arange(s)[None, None, :]
+            old_ok_BxTxS = (old_slot_1x1xS < cache.index) & cache.key_valid_BxS[:, None, :]
             if window:
-                old_ok_TxS &= q_slot_Tx1 - old_slot_1xS < window
-            old_ok_BxTxS = old_ok_TxS[None] & cache.key_valid_BxS[:, None, :]
+                old_ok_BxTxS &= q_slot_BxTx1 - old_slot_1x1xS < window
             k_old_BxKxSxH = cache.k_BxKxSxH.astype(jnp.float32)
             old_BxKxGxTxS = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_old_BxKxSxH)
             scores.insert(0, jnp.where(old_ok_BxTxS[:, None, None], old_BxKxGxTxS, neg))
@@ -545,7 +556,7 @@ class GPT(nnx.Module):
             window = cfg.attention_windows[layer % len(cfg.attention_windows)]
             layer_cache = LayerCache(
                 cache.k_BxKxSxH[layer], cache.v_BxKxSxH[layer], cache.index,
-                cache.key_valid_BxS, cache.fresh,
+                cache.key_valid_BxS, cache.fresh, cache.chunk_segment_BxT,
             )  # fmt: skip
             x_BxTxD, (k_BxTxKxH, v_BxTxKxH) = block(
                 x_BxTxD, positions_BxT, window, None, layer_cache

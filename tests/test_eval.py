@@ -1,5 +1,6 @@
 """gptjax.eval: exact scoring, loaders, few-shot, metrics, harness outputs, bad input, mesh."""
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 from gptjax import checkpoint, config, model
 from gptjax.config import Config, MeshConfig, ModelConfig, TokenizerConfig
-from gptjax.eval import cli_main, fewshot, harness, metrics, tasks
+from gptjax.eval import cli_main, fewshot, harness, metrics, scoring, tasks
 from gptjax.eval.scoring import EvalModel, encode_pair, length_bucket, rolling_windows
 from gptjax.eval.tasks import EvalInputError, Example
 from gptjax.tokenizer import load_tokenizer
@@ -75,6 +76,27 @@ def test_multiple_choice_loglikelihood_equals_full_forward(em, shared_data):
         want, want_greedy = _reference_ll(em, ctx, cont)
         assert n == len(cont)
         assert abs(ll - want) < 1e-5, (ctx_text[:40], ll, want)
+        assert greedy == want_greedy
+
+
+def test_packed_continuations_match_full_forward_with_a_band_gqa_and_rope(em, shared_data):
+    """Each option is a segment of one packed chunk: with GPT-3's local band (each
+    segment's window must start at its own position, not after the other options), GQA,
+    RoPE and an unpadded 50257 vocabulary (29 strided LM-head chunks of 1733 entries),
+    every option's loglikelihood still equals a full forward pass of it alone."""
+    cfg = dataclasses.replace(
+        em.cfg, attention_windows=(0, 5), n_kv_head=2, position="rope", vocab_multiple=1
+    )
+    assert scoring.vocab_chunks(cfg.padded_vocab) == 29
+    params = model.init_params(cfg, jax.random.key(1))
+    banded = EvalModel.from_params(cfg, params, em.tokenizer, batch_size=8)
+    pairs = [r for ex in _hellaswag(shared_data, 4) for r in ex.requests()]
+    pairs += [("One context,", " a"), ("One context,", " two options of other lengths")]
+    got = banded.loglikelihood(pairs)
+    for (ctx_text, cont_text), (ll, greedy, _) in zip(pairs, got, strict=True):
+        ctx, cont = encode_pair(em.tokenizer, ctx_text, cont_text)
+        want, want_greedy = _reference_ll(banded, ctx, cont)
+        assert abs(ll - want) < 1e-5, (ctx_text[:40], cont_text, ll, want)
         assert greedy == want_greedy
 
 
