@@ -46,9 +46,11 @@ def em(ckpt):
 
 
 def _reference_ll(em, ctx, cont):
-    """Independent full forward pass: log_softmax of model.apply, gathered."""
+    """Independent full forward pass: log_softmax of model.apply, gathered. The input is
+    right-padded to N_CTX (one compiled shape; causal, so padding after a position
+    never changes it: test_model's causality test)."""
     tokens = (list(ctx) + list(cont))[-(N_CTX + 1) :]
-    inputs = jnp.asarray([tokens[:-1]])
+    inputs = jnp.asarray([tokens[:-1] + [0] * (N_CTX + 1 - len(tokens))])
     graphdef, _ = model.abstract_model(em.cfg)
     logits = model.apply(graphdef, em.scorer.params, inputs)[0, :, : em.cfg.vocab_size]
     logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), np.float64)

@@ -21,8 +21,8 @@ vocabulary projection runs on continuation tokens only.
 Shapes are bucketed so compiles are few: context and packed-chunk lengths to
 {8, 16, 24, 32, 48, 64, 96, 128, ...} (powers of two, with 1.5x steps from 16 on;
 `length_bucket`), rows to powers of two (and to a multiple of the batch shards), and the
-number of scored tokens to the same buckets from 64 on, in multiples of 128 (the
-LM-head block) and of the batch shards; the LM head skips the blocks of that last padding.
+number of scored tokens to multiples of 128 (the LM-head block) and of the batch shards,
+on the same buckets; the LM head skips the blocks of that last padding.
 Padding never changes a number: contexts are left-padded with the padding slots masked
 out of attention, chunks right-padded with a segment of their own, and padded rows are
 discarded.
