@@ -152,16 +152,17 @@ def make_train_step(cfg: Config, graphdef, tx):
 # (BENCHMARKS.md) oneDNN's matmuls made a step ~4-7% faster than XLA's Eigen emitters in
 # paired A/Bs, with identical losses; YNNPACK's dots were slower than either. Not for
 # evaluation or decoding, whose skinny matmuls YNNPACK wins.
+#
+# jaxlib 0.10's persistent compilation cache cannot serialize a oneDNN fusion ("ToProto
+# is not implemented for thunk kind: onednn-fusion"): such a step would be recompiled by
+# every process. With the cache on, steps keep XLA's Eigen matmuls (the cacheable
+# variant, 2-7% slower on the bench) so that the cache does its job.
+CPU_CACHEABLE_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 CPU_STEP_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
+    **CPU_CACHEABLE_STEP_OPTIONS,
     "xla_cpu_use_onednn": True,
     "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
 }
-# jaxlib 0.10's persistent compilation cache cannot serialize a oneDNN fusion ("ToProto
-# is not implemented for thunk kind: onednn-fusion"): such a step would be recompiled by
-# every process. With the cache on, steps keep XLA's Eigen matmuls (the cacheable,
-# variant, 2-7% slower on the bench) so that the cache does its job.
-CPU_CACHEABLE_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def cpu_step_options() -> dict:
