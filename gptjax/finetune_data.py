@@ -14,7 +14,6 @@ from the question; other segments lose their end); such examples are counted.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
@@ -27,6 +26,8 @@ from typing import Literal
 import numpy as np
 
 from gptjax.data.loader import TrainBatches
+from gptjax.eval.metrics import accuracy, binary_f1, macro_f1, matthews, pearson, spearman
+from gptjax.rows import Rows, read_jsonl, read_rows, read_tsv
 
 log = logging.getLogger(__name__)
 
@@ -73,52 +74,9 @@ def _check_file(path: Path) -> Path:
     return path
 
 
-def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    from gptjax.eval.tasks import EvalInputError, _jsonl
-
-    try:
-        yield from _jsonl(path)
-    except EvalInputError as e:
-        raise FinetuneDataError(str(e)) from None
-
-
-def _tsv(path: Path, columns: Sequence[str] | None = None) -> Iterator[tuple[int, dict]]:
-    """GLUE-style TSV: split on tabs with no quote handling (GLUE texts hold stray
-    quotes); the first line is the header unless `columns` names them."""
-    with open(path, encoding="utf-8") as f:
-        header = list(columns) if columns else None
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            cells = line.split("\t")
-            if header is None:
-                header = cells
-                continue
-            if len(cells) != len(header):
-                raise FinetuneDataError(
-                    f"{path}:{n}: {len(cells)} tab-separated columns, expected {len(header)} "
-                    f"({', '.join(header)})"
-                )
-            yield n, dict(zip(header, cells, strict=True))
-
-
-def _csv(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            if None in row or any(v is None for v in row.values()):
-                raise FinetuneDataError(f"{path}:{reader.line_num}: wrong number of columns")
-            yield reader.line_num, row
-
-
-def _rows(path: Path) -> Iterator[tuple[int, dict]]:
-    suffix = path.suffix.lower()
-    if suffix == ".tsv":
-        return _tsv(path)
-    if suffix == ".csv":
-        return _csv(path)
-    return _jsonl(path)
+def _rows(path: Path) -> Rows:
+    """Rows of a .jsonl, .csv or GLUE-style .tsv (tabs split, quotes are text) file."""
+    return read_rows(path, FinetuneDataError, quoted_tsv=False)
 
 
 def _text(doc: dict, *keys: str) -> str:
@@ -201,7 +159,8 @@ def _load_cola(path: Path, labels, labelled: bool) -> list[TaskExample]:
     with open(path, encoding="utf-8") as f:
         first = f.readline().rstrip("\r\n").split("\t")
     headerless = len(first) == 4 and first[1] in ("0", "1")
-    rows = _tsv(path, ("source", "label", "mark", "sentence") if headerless else None)
+    columns = ("source", "label", "mark", "sentence") if headerless else None
+    rows = read_tsv(path, columns, FinetuneDataError)
 
     def make(doc):
         return TaskExample((_text(doc, "sentence"),), _class(doc, "label", labels, labelled))
@@ -255,7 +214,7 @@ def _race_docs(path: Path) -> Iterator[tuple[str, dict]]:
             except json.JSONDecodeError as e:
                 raise FinetuneDataError(f"{file}: malformed JSON ({e.msg})") from None
     else:
-        for n, doc in _jsonl(path):
+        for n, doc in read_jsonl(path, FinetuneDataError):
             yield f"{path.name}:{n}", doc
 
 
@@ -539,46 +498,14 @@ def predictions(spec: TaskSpec, outputs: np.ndarray) -> np.ndarray:
     return outputs.argmax(-1)
 
 
-def _f1(pred: np.ndarray, gold: np.ndarray, positive: int = 1) -> float:
-    tp = float(np.sum((pred == positive) & (gold == positive)))
-    fp = float(np.sum((pred == positive) & (gold != positive)))
-    fn = float(np.sum((pred != positive) & (gold == positive)))
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
-
-
-def _matthews(pred: np.ndarray, gold: np.ndarray) -> float:
-    tp = float(np.sum((pred == 1) & (gold == 1)))
-    tn = float(np.sum((pred == 0) & (gold == 0)))
-    fp = float(np.sum((pred == 1) & (gold == 0)))
-    fn = float(np.sum((pred == 0) & (gold == 1)))
-    den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return 0.0 if den == 0 else (tp * tn - fp * fn) / den
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    x, y = x - x.mean(), y - y.mean()
-    den = math.sqrt(float((x * x).sum() * (y * y).sum()))
-    return 0.0 if den == 0 else float((x * y).sum()) / den
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks with ties given their mean rank (as Spearman's rho needs)."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x), np.float64)
-    ranks[order] = np.arange(len(x))
-    for value in np.unique(x):
-        tied = x == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
+# (predictions, golds) -> value; macro F1 averages over the classes present in gold.
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-    "accuracy": lambda p, g: float(np.mean(p == g)),
-    "f1": _f1,
-    "macro_f1": lambda p, g: float(np.mean([_f1(p, g, c) for c in np.unique(g)])),
-    "matthews": _matthews,
-    "pearson": lambda p, g: _pearson(p.astype(np.float64), g.astype(np.float64)),
-    "spearman": lambda p, g: _pearson(_ranks(p.astype(np.float64)), _ranks(g.astype(np.float64))),
+    "accuracy": accuracy,
+    "f1": binary_f1,
+    "macro_f1": lambda p, g: macro_f1(p, g, classes=np.unique(g)),
+    "matthews": matthews,
+    "pearson": pearson,
+    "spearman": spearman,
 }
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from gptjax import checkpoint, config, model
 from gptjax.config import Config, MeshConfig, ModelConfig, TokenizerConfig
-from gptjax.eval import cli_main, fewshot, harness, metrics, scoring, tasks
+from gptjax.eval import cli_main, fewshot, harness, loaders, metrics, scoring, tasks
 from gptjax.eval.scoring import EvalModel, encode_pair, length_bucket, rolling_windows
 from gptjax.eval.tasks import EvalInputError, Example
 from gptjax.tokenizer import load_tokenizer
@@ -62,7 +62,7 @@ def _reference_ll(em, ctx, cont):
 
 
 def _hellaswag(shared_data, n=6):
-    return tasks.load_hellaswag(shared_data / "hellaswag" / "hellaswag_val_first200.txt")[:n]
+    return loaders.load_hellaswag(shared_data / "hellaswag" / "hellaswag_val_first200.txt")[:n]
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -170,26 +170,26 @@ def test_sharded_evaluation_matches_one_device(ckpt, em, shared_data):
 
 
 def test_shared_file_loaders(shared_data):
-    hs = tasks.load_hellaswag(shared_data / "hellaswag" / "hellaswag_val_first200.txt")
+    hs = loaders.load_hellaswag(shared_data / "hellaswag" / "hellaswag_val_first200.txt")
     assert len(hs) == 200 and hs[0].gold == 3 and len(hs[0].choices) == 4
     assert hs[0].context == "Roof shingle removal: A man is sitting on a roof. he"
     assert hs[0].requests()[0][1] == " " + hs[0].choices[0]
-    piqa = tasks.load_piqa(shared_data / "piqa" / "valid_first200.jsonl")
+    piqa = loaders.load_piqa(shared_data / "piqa" / "valid_first200.jsonl")
     assert len(piqa) == 200 and [e.gold for e in piqa[:3]] == [0, 1, 1]
     assert piqa[0].context.startswith("Question: How do I ready a guinea pig") and piqa[
         0
     ].context.endswith("\nAnswer:")
-    glue = tasks.load_sst2(shared_data / "sst2" / "glue_sst2_dev.tsv")
-    stsa = tasks.load_sst2(shared_data / "sst2" / "stsa.binary.dev")
+    glue = loaders.load_sst2(shared_data / "sst2" / "glue_sst2_dev.tsv")
+    stsa = loaders.load_sst2(shared_data / "sst2" / "stsa.binary.dev")
     assert len(glue) == len(stsa) == 872 and glue[0].gold == 1 and stsa[0].gold == 0
     assert glue[0].choices == ("negative", "positive")
-    rte = tasks.load_rte(shared_data / "rte" / "val.jsonl")
+    rte = loaders.load_rte(shared_data / "rte" / "val.jsonl")
     assert (
         len(rte) == 277 and rte[0].choices == ("True", "False") and {e.gold for e in rte} == {0, 1}
     )
-    cb = tasks.load_cb(shared_data / "cb" / "val.jsonl")
+    cb = loaders.load_cb(shared_data / "cb" / "val.jsonl")
     assert len(cb) == 56 and {e.gold for e in cb} == {0, 1, 2}
-    wiki = tasks.load_wikitext(shared_data / "wikitext-2" / "valid.txt")
+    wiki = loaders.load_wikitext(shared_data / "wikitext-2" / "valid.txt")
     assert len(wiki) > 20 and wiki[0].kind == "rolling"
     assert (
         wiki[0].target.lstrip().startswith("= Homarus gammarus =") and " @-@ " not in wiki[0].target
@@ -203,12 +203,12 @@ def _write(path, lines):
 
 def test_fixture_format_loaders(tmp_path):
     j = json.dumps
-    lam = tasks.load_lambada(
+    lam = loaders.load_lambada(
         _write(tmp_path / "lambada_test.jsonl", [j({"text": "he opened the door"})])
     )
     assert lam[0].requests() == [("he opened the", " door")]
 
-    hs = tasks.load_hellaswag(_write(tmp_path / "hellaswag_val.jsonl", [j({
+    hs = loaders.load_hellaswag(_write(tmp_path / "hellaswag_val.jsonl", [j({
         "activity_label": "Baking", "ctx_a": "She mixes the flour.", "ctx_b": "then she",
         "endings": ["bakes [title] it.", "b", "c", "d"], "label": 0})]))  # fmt: skip
     assert (
@@ -224,20 +224,20 @@ def test_fixture_format_loaders(tmp_path):
         "answerKey": "2",
     }
     common = {"query": "Question: What is hot?\nAnswer:", "choices": ["ice", "fire"], "gold": 1}
-    arc = tasks.load_arc(
+    arc = loaders.load_arc(
         _write(tmp_path / "ARC-Easy-Test.jsonl", [j(arc_orig), j(arc_flat), j(common)])
     )
     assert {(e.context, e.choices, e.gold, e.uncond_context) for e in arc} == {
         ("Question: What is hot?\nAnswer:", ("ice", "fire"), 1, "Answer:")
     }
 
-    wg = tasks.load_winogrande(_write(tmp_path / "dev.jsonl", [j({
+    wg = loaders.load_winogrande(_write(tmp_path / "dev.jsonl", [j({
         "sentence": "The cup fell off the table because _ was unstable.",
         "option1": "the cup", "option2": "the table", "answer": "2"})]))  # fmt: skip
     assert wg[0].partial and wg[0].gold == 1
     assert wg[0].option(1) == ("The cup fell off the table because the table", " was unstable.")
 
-    copa = tasks.load_copa(_write(tmp_path / "copa.jsonl", [j({
+    copa = loaders.load_copa(_write(tmp_path / "copa.jsonl", [j({
         "premise": "The man broke his toe.", "choice1": "He dropped a hammer on his foot.",
         "choice2": "He got a hole in his sock.", "question": "cause", "label": 0})]))  # fmt: skip
     assert copa[0].option(0) == (
@@ -245,13 +245,13 @@ def test_fixture_format_loaders(tmp_path):
         " he dropped a hammer on his foot.",
     )
 
-    boolq = tasks.load_boolq(
+    boolq = loaders.load_boolq(
         _write(tmp_path / "boolq.jsonl", [j({"question": "is it", "passage": "P.", "label": True})])
     )
     assert boolq[0].context == "P.\nQuestion: is it?\nAnswer:" and boolq[0].gold == 1
 
     header = "InputStoryid,InputSentence1,InputSentence2,InputSentence3,InputSentence4,RandomFifthSentenceQuiz1,RandomFifthSentenceQuiz2,AnswerRightEnding"
-    sc = tasks.load_storycloze(
+    sc = loaders.load_storycloze(
         _write(tmp_path / "cloze.csv", [header, "id1,A.,B.,C.,D.,Good end.,Bad end.,1"])
     )
     assert (
@@ -260,11 +260,11 @@ def test_fixture_format_loaders(tmp_path):
         and sc[0].gold == 0
     )
 
-    mc = tasks.load_generic_mc(
+    mc = loaders.load_generic_mc(
         _write(tmp_path / "mc.jsonl", [j({"context": "Q", "choices": ["a", "b"], "gold": 1})])
     )
     assert mc[0].requests() == [("Q", " a"), ("Q", " b")]
-    lm = tasks.load_generic_lm(_write(tmp_path / "lm.jsonl", [j({"text": "one two three"})]))
+    lm = loaders.load_generic_lm(_write(tmp_path / "lm.jsonl", [j({"text": "one two three"})]))
     assert lm[0].kind == "rolling" and lm[0].words == 3
 
 
@@ -630,23 +630,23 @@ def test_bad_input_messages(tmp_path, shared_data, ckpt, capsys):
         tmp_path / "piqa.jsonl", [json.dumps({"goal": "g", "sol1": "a", "sol2": "b"}), "{not json"]
     )
     with pytest.raises(EvalInputError, match=r"piqa\.jsonl:2: malformed JSON"):
-        tasks.load_piqa(bad)
+        loaders.load_piqa(bad)
     good = _write(tmp_path / "valid.jsonl", [json.dumps({"goal": "g", "sol1": "a", "sol2": "b"})])
     with pytest.raises(
         EvalInputError,
         match=r"labels file for .*valid\.jsonl not found: expected .*valid-labels\.lst",
     ):
-        tasks.load_piqa(good)
+        loaders.load_piqa(good)
     with pytest.raises(
         EvalInputError, match="unknown task 'nosuch'; known tasks: .*hellaswag.*piqa"
     ):
         tasks.resolve_task("nosuch=x.jsonl")
     hs = _write(tmp_path / "hs.txt", ["ctx", "7", "a", "b", "c", "d"])
     with pytest.raises(EvalInputError, match=r"hs\.txt:2: gold label '7'"):
-        tasks.load_hellaswag(hs)
+        loaders.load_hellaswag(hs)
     rte = _write(tmp_path / "rte.jsonl", [json.dumps({"premise": "p", "hypothesis": "h"})])
     with pytest.raises(EvalInputError, match=r"rte\.jsonl:1: no 'label'"):
-        tasks.load_rte(rte)
+        loaders.load_rte(rte)
     # The CLI: exit code 2 and the message, before any model work.
     assert cli_main(["--checkpoint", str(ckpt), "--task", "nosuch=x"]) == 2
     assert "known tasks" in capsys.readouterr().err

@@ -1,6 +1,9 @@
 """Few-shot evaluation of gptjax checkpoints (GPT-3 paper section 2.4).
 
-  tasks.py            file formats -> Examples of four request kinds; task definitions as data
+  example.py          Example: one item as one of four request kinds (mc, loglik, rolling, generate)
+  loaders.py          each task file format -> Examples
+  definitions.py      user tasks defined as data (JSON/YAML templates over a file's fields)
+  tasks.py            the table of built-in tasks; resolve_task (--task NAME=PATH -> Task)
   fewshot.py          seeded K-shot contexts, fitted to n_ctx
   scoring.py          jitted, bucketed, sharded loglikelihood / rolling / greedy scoring
   metrics.py          acc, acc_norm, stderr, perplexities, bits per byte, EM / F1

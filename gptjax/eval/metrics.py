@@ -1,5 +1,6 @@
-"""Metrics: accuracy (plain and normalised), perplexities, bits per byte, EM / F1, with
-standard errors.
+"""Metric functions, the one home for them (evaluation and fine-tuning): multiple-choice
+accuracy (plain and normalised), classification scores (accuracy, F1, macro F1,
+Matthews, Pearson, Spearman), perplexities, bits per byte, EM / F1, with standard errors.
 
 Multiple choice (per example, from the options' loglikelihoods):
   acc             argmax of the summed loglikelihood
@@ -53,15 +54,66 @@ def mc_predictions(
     return pred
 
 
-def macro_f1(preds: Sequence[int], golds: Sequence[int]) -> float:
-    labels = sorted(set(golds) | set(preds))
-    scores = []
-    for c in labels:
-        tp = sum(p == c and g == c for p, g in zip(preds, golds, strict=True))
-        fp = sum(p == c and g != c for p, g in zip(preds, golds, strict=True))
-        fn = sum(p != c and g == c for p, g in zip(preds, golds, strict=True))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+# ----------------------------------------------------------------------------- classes
+
+
+def accuracy(preds: np.ndarray, golds: np.ndarray) -> float:
+    return float(np.mean(np.asarray(preds) == np.asarray(golds)))
+
+
+def binary_f1(preds: np.ndarray, golds: np.ndarray, positive: int = 1) -> float:
+    """F1 of the class `positive` (GLUE's MRPC / QQP F1)."""
+    preds, golds = np.asarray(preds), np.asarray(golds)
+    tp = float(np.sum((preds == positive) & (golds == positive)))
+    fp = float(np.sum((preds == positive) & (golds != positive)))
+    fn = float(np.sum((preds != positive) & (golds == positive)))
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def macro_f1(preds: Sequence[int], golds: Sequence[int], classes=None) -> float:
+    """Mean per-class F1 over `classes`; by default every class in golds or preds
+    (scikit-learn's average="macro", as lm-eval's CB)."""
+    preds, golds = np.asarray(preds), np.asarray(golds)
+    if classes is None:
+        classes = np.union1d(golds, preds)
+    scores = [binary_f1(preds, golds, c) for c in classes]
     return float(np.mean(scores)) if scores else float("nan")
+
+
+def matthews(preds: np.ndarray, golds: np.ndarray) -> float:
+    """Matthews correlation of binary predictions (GLUE's CoLA)."""
+    preds, golds = np.asarray(preds), np.asarray(golds)
+    tp = float(np.sum((preds == 1) & (golds == 1)))
+    tn = float(np.sum((preds == 0) & (golds == 0)))
+    fp = float(np.sum((preds == 1) & (golds == 0)))
+    fn = float(np.sum((preds == 0) & (golds == 1)))
+    den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return 0.0 if den == 0 else (tp * tn - fp * fn) / den
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    x, y = x - x.mean(), y - y.mean()
+    den = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return 0.0 if den == 0 else float((x * y).sum()) / den
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's r of the ranks, ties given their mean rank."""
+    return pearson(_ranks(np.asarray(x, np.float64)), _ranks(np.asarray(y, np.float64)))
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = np.arange(len(x))
+    for value in np.unique(x):
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+# ----------------------------------------------------------------------------- likelihoods
 
 
 def perplexity(lls: Sequence[float]) -> tuple[float, float]:
