@@ -55,8 +55,10 @@ class Task:
 
 @dataclasses.dataclass(frozen=True)
 class TaskInfo:
+    """One row of TASKS: a built-in task (`--task NAME=PATH`, or NAME alone with `tfds`)."""
+
     name: str
-    load: Callable[[Path], list[Example]]
+    load: Callable[[Path], list[Example]]  # a loaders.py function: file -> Examples
     primary: str  # the metric of the table and the plot
     fewshot_siblings: tuple[str, ...] = ()  # training-split files beside the eval file
     tfds: tuple[str, str, str] | None = None  # (dataset, eval split, few-shot split)
