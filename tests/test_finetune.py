@@ -27,6 +27,7 @@ from gptjax.config import (
     TokenizerConfig,
     TrainConfig,
 )
+from gptjax.eval import metrics
 from gptjax.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -208,6 +209,11 @@ def test_metrics_against_known_values():
     assert s["pearson"] == pytest.approx(np.corrcoef(x, y)[0, 1])
     # ranks of y with ties: [1, 4, 2.5, 2.5]
     assert s["spearman"] == pytest.approx(np.corrcoef([1, 2, 3, 4], [1, 4, 2.5, 2.5])[0, 1])
+    # CB's macro F1 averages over the gold classes (0: 2/3, 1: 1); evaluation's default
+    # also counts a class only predicted (2: 0), as scikit-learn's average="macro".
+    p, g = np.array([0, 2, 1, 1]), np.array([0, 0, 1, 1])
+    assert fd.score(fd.TASKS["cb"], p, g)["macro_f1"] == pytest.approx(5 / 6)
+    assert metrics.macro_f1(p, g) == pytest.approx(5 / 9)
 
 
 # ----------------------------------------------------------------------------- model
