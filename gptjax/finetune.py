@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gptjax import config as config_lib
-from gptjax import metrics, model, sharding
+from gptjax import metrics, model, sharding, xla_cpu
 from gptjax.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -71,7 +71,6 @@ from gptjax.finetune_data import (
     score,
     trim,
 )
-from gptjax.model import _dropout
 from gptjax.optim import lr_schedule, make_optimizer
 from gptjax.tokenizer import load_tokenizer, tokenizer_from_record
 from gptjax.train import NonFiniteLoss, Preempted, TrainState, _SigtermFlag, jit_step
@@ -240,7 +239,7 @@ def forward(graphdef, params, tokens_BxKxL, extract_BxK, spec: TaskSpec, *, clf_
     h_BxKxD = h_NxD.reshape(b, k, -1).astype(jnp.float32)
     if spec.kind == "similarity":
         h_BxKxD = h_BxKxD.sum(axis=1, keepdims=True)
-    h_BxKxD = _dropout(h_BxKxD, clf_dropout, rng_clf)
+    h_BxKxD = model.dropout(h_BxKxD, clf_dropout, rng_clf)
     out_BxKxC = jnp.einsum("bkd,dc->bkc", h_BxKxD, params["head"]["w_y"]) + params["head"]["b_y"]
     if spec.kind == "multiple_choice":
         out = out_BxKxC[..., 0]
@@ -534,7 +533,7 @@ def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dic
                     }
                     state, m = step_fn(state, batch)
                     pending.append(m)
-                    sharding.throttle(pending)
+                    xla_cpu.throttle(pending)
                     done = step + 1
                     epoch_end = done % steps_per_epoch == 0
                     if done % f.log_every == 0 or epoch_end:

@@ -10,7 +10,6 @@ H head dim, F ffn dim, V (padded) vocabulary.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import flax.struct
@@ -20,6 +19,7 @@ from flax import nnx
 
 from gptjax.config import ModelConfig
 from gptjax.sharding import constrain
+from gptjax.xla_cpu import cotangent_barrier, project
 
 # Parameters are created unsharded (under eval_shape or a jit whose out_shardings
 # come from sharding.py); Flax must not try to place them itself.
@@ -43,113 +43,12 @@ def _ones(shape, axes, dtype) -> nnx.Param:
     return nnx.Param(jnp.ones(shape, dtype), out_sharding=axes)
 
 
-def _dropout(x, rate: float, rng):
+def dropout(x, rate: float, rng):
+    """Inverted dropout; the identity without an rng or at rate 0."""
     if rng is None or rate == 0.0:
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-def _no_fold(a):
-    """a / (1 + 0 * a): equal to a for finite values, and a divide is an op XLA:CPU
-    neither duplicates into its consumers' fusions nor folds into a neighbouring dot."""
-    return a / (1 + 0 * a)
-
-
-@jax.custom_vjp
-def _cotangent_barrier(x):
-    """Identity whose cotangent XLA:CPU computes once instead of once per use.
-
-    With the layers unrolled, the residual stream's gradient at layer l is a chain of
-    cheap adds over every later layer, and XLA:CPU fuses (duplicates) the whole chain
-    into each transposing copy that feeds a weight-gradient matmul: O(n_layer^2) work,
-    a fifth of a CPU step. `lax.optimization_barrier` is removed before fusion on CPU;
-    a divide is an op XLA will not duplicate, so the chain is computed once, into it.
-    x / (1 + 0 * x) == x exactly for finite x (non-finite gradients stay non-finite).
-    """
-    return x
-
-
-def _cotangent_barrier_fwd(x):
-    return x, None
-
-
-def _cotangent_barrier_bwd(_, g):
-    if not _cpu_lowering():  # GPU/TPU fusion heuristics do not duplicate it
-        return (g,)
-    return (_no_fold(g),)
-
-
-_cotangent_barrier.defvjp(_cotangent_barrier_fwd, _cotangent_barrier_bwd)
-
-
-_PORTABLE = False  # set by portable_lowering()
-
-
-@contextlib.contextmanager
-def portable_lowering():
-    """Trace the model as for GPU/TPU even on a CPU backend: `gptjax plan` compiles for
-    simulated CPU devices but reports the memory of the target's program."""
-    global _PORTABLE
-    previous, _PORTABLE = _PORTABLE, True
-    try:
-        yield
-    finally:
-        _PORTABLE = previous
-
-
-def portable() -> bool:
-    """Whether portable_lowering() is active."""
-    return _PORTABLE
-
-
-def _cpu_lowering() -> bool:
-    """Whether to emit the XLA:CPU-specific forms below (at trace time)."""
-    return not _PORTABLE and jax.default_backend() == "cpu"
-
-
-def project(x, w, n_in: int = 1):
-    """Contract the last n_in axes of x with the first n_in axes of w (a dense layer).
-
-    On CPU it runs as one 2-D matmul with its own backward (`_matmul_cpu`); elsewhere
-    it is the plain dot_general, whose layouts GPU/TPU compilers choose well.
-    """
-    if not _cpu_lowering():
-        return jnp.tensordot(x, w, n_in)
-    lead, out = x.shape[: x.ndim - n_in], w.shape[n_in:]
-    size_in = math.prod(w.shape[:n_in])
-    y = _matmul_cpu(x.reshape(-1, size_in), w.reshape(size_in, -1))
-    return y.reshape(*lead, *out)
-
-
-@jax.custom_vjp
-def _matmul_cpu(x_TxI, w_IxO):
-    return x_TxI @ w_IxO
-
-
-def _matmul_cpu_fwd(x_TxI, w_IxO):
-    return x_TxI @ w_IxO, (x_TxI, w_IxO)
-
-
-def _matmul_cpu_bwd(res, g_TxO):
-    """The weight gradient as a row-major matmul over tokens.
-
-    Autodiff's dW = x^T g contracts the tokens, the major axis of both operands. XLA:CPU
-    either runs that on Eigen's slow transposed-operand path or folds the transpose
-    back into the dot; materialising the smaller operand transposed (a cheap copy,
-    kept by _no_fold) gives the CPU matmul libraries the layout they are fast on (with
-    train steps' oneDNN matmuls too: a plain tensordot step was 4-5% slower).
-    """
-    x_TxI, w_IxO = res
-    dx_TxI = jax.lax.dot_general(g_TxO, w_IxO, (((1,), (1,)), ((), ())))
-    if x_TxI.shape[1] <= w_IxO.shape[1]:
-        dw_IxO = _no_fold(x_TxI.T) @ g_TxO
-    else:
-        dw_IxO = _no_fold(_no_fold(g_TxO.T) @ x_TxI).T
-    return dx_TxI, dw_IxO.astype(w_IxO.dtype)
-
-
-_matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
 
 
 class Norm(nnx.Module):
@@ -399,7 +298,7 @@ class Attention(nnx.Module):
         mask_LxL = attention_mask(length, length, window)
         scores_BxNxLxL = jnp.where(mask_LxL, scores_BxNxLxL, jnp.finfo(jnp.float32).min)
         probs_BxNxLxL = jax.nn.softmax(scores_BxNxLxL, axis=-1).astype(q_BxLxNxH.dtype)
-        probs_BxNxLxL = _dropout(probs_BxNxLxL, self.cfg.attn_dropout, rng)
+        probs_BxNxLxL = dropout(probs_BxNxLxL, self.cfg.attn_dropout, rng)
         return jnp.einsum("bnqk,bknh->bqnh", probs_BxNxLxL, v_BxLxNxH)
 
 
@@ -448,11 +347,11 @@ class Block(nnx.Module):
         h = self.attn(attn_in, positions_BxL, window, rngs[0], cache)
         h, new_kv = h if cache is not None else (h, None)
         if self.prenorm:  # GPT-2/3: x + f(norm(x))
-            x_BxLxD = x_BxLxD + _dropout(h, self.dropout, rngs[1])
-            x_BxLxD = x_BxLxD + _dropout(self.mlp(self.norm2(x_BxLxD)), self.dropout, rngs[2])
+            x_BxLxD = x_BxLxD + dropout(h, self.dropout, rngs[1])
+            x_BxLxD = x_BxLxD + dropout(self.mlp(self.norm2(x_BxLxD)), self.dropout, rngs[2])
         else:  # GPT-1: norm(x + f(x))
-            x_BxLxD = self.norm1(x_BxLxD + _dropout(h, self.dropout, rngs[1]))
-            x_BxLxD = self.norm2(x_BxLxD + _dropout(self.mlp(x_BxLxD), self.dropout, rngs[2]))
+            x_BxLxD = self.norm1(x_BxLxD + dropout(h, self.dropout, rngs[1]))
+            x_BxLxD = self.norm2(x_BxLxD + dropout(self.mlp(x_BxLxD), self.dropout, rngs[2]))
         return (x_BxLxD, new_kv) if cache is not None else x_BxLxD
 
 
@@ -493,7 +392,7 @@ class GPT(nnx.Module):
         x_BxLxD = self.wte[...].astype(dt)[tokens_BxL]
         if cfg.position == "learned":
             x_BxLxD += self.wpe[...].astype(dt)[positions_BxL]
-        x_BxLxD = _dropout(x_BxLxD, cfg.dropout, rng)
+        x_BxLxD = dropout(x_BxLxD, cfg.dropout, rng)
         return constrain(x_BxLxD, ("batch", None, "act_embed"))
 
     def layers(self, x_BxLxD, positions_BxL, rng=None, cache: KVCache | None = None,
@@ -525,7 +424,7 @@ class GPT(nnx.Module):
                 layer_rng = None
                 if rng is not None:
                     layer_rng = jax.random.fold_in(rng, group_index * period + i)
-                x_BxLxD = block(_cotangent_barrier(x_BxLxD), positions_BxL, window, layer_rng)
+                x_BxLxD = block(cotangent_barrier(x_BxLxD), positions_BxL, window, layer_rng)
                 x_BxLxD = constrain(x_BxLxD, ("batch", None, "act_embed"))
             return x_BxLxD, None
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gptjax import metrics, model, sharding, train
+from gptjax import metrics, model, sharding, train, xla_cpu
 from gptjax.config import Config, MeshConfig
 from gptjax.optim import make_optimizer
 
@@ -240,7 +240,7 @@ def compile_step(cfg: Config, layout: Layout, devices=None):
             jnp.int32,
             sharding=batch_sh,
         )
-        with model.portable_lowering():  # the target's program, not the CPU forms
+        with xla_cpu.portable_lowering():  # the target's program, not the CPU forms
             step = train.jit_step(
                 train.make_train_step(cfg, graphdef, tx), mesh, state_sh, batch_sh
             )

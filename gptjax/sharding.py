@@ -143,15 +143,3 @@ def check_replication(params, shardings, mesh: Mesh, min_size: int = 2**16) -> l
             mesh.shape["fsdp"],
         )
     return found
-
-
-def throttle(outputs: list, in_flight: int = 2) -> None:
-    """Wait for what was dispatched before the last `in_flight` entries of `outputs`.
-
-    Loops that queue work ahead of the host (train steps, scoring batches) call it after
-    each dispatch. XLA:CPU's simulated devices deadlock in a collective when dozens of
-    multi-device executions are queued (measured with jax 0.10.2 on 8 devices: 16 ran,
-    32 hung until XLA aborted the process); on any device a queue of two loses nothing.
-    """
-    if len(outputs) > in_flight:
-        jax.block_until_ready(outputs[-in_flight - 1])

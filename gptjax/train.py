@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gptjax import config as config_lib
-from gptjax import data, metrics, model, sharding
+from gptjax import data, metrics, model, sharding, xla_cpu
 from gptjax.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -147,42 +147,15 @@ def make_train_step(cfg: Config, graphdef, tx):
     return train_step
 
 
-# XLA:CPU options for training steps: the matmuls run as oneDNN matmuls (XLA's
-# LibraryRewriter), YNNPACK takes only the reductions. On the 6 x 384 train bench
-# (BENCHMARKS.md) oneDNN's matmuls made a step ~4-7% faster than XLA's Eigen emitters in
-# paired A/Bs, with identical losses; YNNPACK's dots were slower than either. Not for
-# evaluation or decoding, whose skinny matmuls YNNPACK wins.
-#
-# jaxlib 0.10's persistent compilation cache cannot serialize a oneDNN fusion ("ToProto
-# is not implemented for thunk kind: onednn-fusion"): such a step would be recompiled by
-# every process. With the cache on, steps keep XLA's Eigen matmuls (the cacheable
-# variant, 2-7% slower on the bench) so that the cache does its job.
-CPU_CACHEABLE_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
-CPU_STEP_OPTIONS = {
-    **CPU_CACHEABLE_STEP_OPTIONS,
-    "xla_cpu_use_onednn": True,
-    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
-}
-
-
-def cpu_step_options() -> dict:
-    """CPU_STEP_OPTIONS, or CPU_CACHEABLE_STEP_OPTIONS when JAX's persistent
-    compilation cache is on (a cache directory is configured)."""
-    cache_on = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
-    return CPU_CACHEABLE_STEP_OPTIONS if cache_on else CPU_STEP_OPTIONS
-
-
 def jit_step(step_fn, mesh, state_sh, batch_sh):
     """step_fn(state, batch) -> (state, metrics) under jax.jit: sharded, the state
-    donated, and compiled with cpu_step_options() on a CPU mesh (unless under
-    model.portable_lowering, where the step stands for a GPU/TPU one)."""
-    cpu = mesh.devices.flat[0].platform == "cpu" and not model.portable()
+    donated, and compiled with xla_cpu.step_compiler_options(mesh)."""
     return jax.jit(
         step_fn,
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, None),
         donate_argnums=0,
-        compiler_options=cpu_step_options() if cpu else None,
+        compiler_options=xla_cpu.step_compiler_options(mesh),
     )
 
 
@@ -348,7 +321,7 @@ def train(cfg: Config, workdir: str | Path) -> dict:
             losses = []
             for b in val_batches:
                 losses.append(eval_fn(params, b))
-                sharding.throttle(losses)
+                xla_cpu.throttle(losses)
             return float(np.mean(jax.device_get(losses)))
 
         n_params = model.param_count(state.params)
@@ -398,7 +371,7 @@ def train(cfg: Config, workdir: str | Path) -> dict:
                     local = np.stack([next(train_iter) for _ in range(k)])
                     state, m = step_fn(state, _global_batch(local, batch_sh))
                     pending.append((step + 1, m))
-                    sharding.throttle(pending)  # step N+1 queued before step N waited for
+                    xla_cpu.throttle(pending)  # step N+1 queued before step N waited for
                     done = step + 1
                     evaluating = done % t.eval_every == 0 or done == t.steps
                     if done % t.log_every == 0 or evaluating:

@@ -2,7 +2,6 @@
 
 import dataclasses
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -191,73 +190,3 @@ def test_padded_vocabulary_rows_get_no_probability():
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     assert float(probs[..., cfg.vocab_size :].max()) == 0.0
     np.testing.assert_allclose(probs[..., : cfg.vocab_size].sum(-1), 1.0, rtol=1e-5)
-
-
-def test_cotangent_barrier_is_exact_and_keeps_backward_fusions_narrow():
-    """The residual stream's gradient is computed once per layer on CPU: no XLA loop
-    fusion of the backward pass re-adds the gradient terms of all later layers (without
-    the barrier the widest fusion of this 8-layer model reads 35 operands)."""
-    x = jax.random.normal(jax.random.key(0), (3, 5, 7)) * jnp.logspace(-30, 30, 7)
-    g = jax.random.normal(jax.random.key(1), x.shape) * jnp.logspace(30, -30, 7)
-    y, vjp = jax.vjp(model._cotangent_barrier, x)
-    (gx,) = jax.jit(vjp)(g)
-    np.testing.assert_array_equal(y, x)
-    np.testing.assert_array_equal(gx, g)
-
-    cfg = ModelConfig(
-        vocab_size=128, seq_len=32, n_layer=8, d_model=64, n_head=4,
-        scan_layers=False, attention_impl="blocked",
-    )  # fmt: skip
-    graphdef, params = _params(cfg)
-    tokens = jnp.zeros((4, cfg.seq_len), jnp.int32)
-
-    def loss(p):
-        return jax.nn.logsumexp(model.apply(graphdef, p, tokens), -1).mean()
-
-    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
-    widths = [m.group(1).count("%") for m in re.finditer(r"fusion\((.*?)\), kind=kLoop", hlo)]
-    assert max(widths) < 2 * cfg.n_layer, f"a backward fusion reads {max(widths)} operands"
-
-
-def test_cpu_projection_matches_einsum_and_avoids_transposed_operand_dots():
-    """model.project's CPU backward gives the einsum's gradients, and no matmul of it
-    contracts the major axis of its left operand (Eigen's slow path, which plain
-    autodiff of a dense layer produces for the weight gradient on XLA:CPU)."""
-    key_x, key_w, key_g = jax.random.split(jax.random.key(0), 3)
-    for d_in, d_out in [(48, 160), (160, 48)]:  # the smaller side is transposed
-        x = jax.random.normal(key_x, (4, 64, d_in))
-        w = jax.random.normal(key_w, (d_in, d_out))
-        g = jax.random.normal(key_g, (4, 64, d_out))
-        y, vjp = jax.vjp(model.project, x, w)
-        y_ref, vjp_ref = jax.vjp(lambda a, b: jnp.einsum("bli,io->blo", a, b), x, w)
-        np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-5)
-        for got, want in zip(jax.jit(vjp)(g), vjp_ref(g), strict=True):
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-
-        def contracting(fn, x=x, w=w):
-            hlo = jax.jit(jax.grad(fn, argnums=1)).lower(x, w).compile().as_text()
-            return re.findall(r" dot\(.*?lhs_contracting_dims=\{(\d)\}", hlo)
-
-        assert contracting(lambda a, b: model.project(a, b).sum()) == ["1"]
-        einsum_dims = contracting(lambda a, b: jnp.einsum("bli,io->blo", a, b).sum())
-        assert einsum_dims == ["0"]  # what the check above guards against
-
-
-def test_portable_lowering_traces_no_cpu_forms():
-    """Under portable_lowering (gptjax plan) the backward is plain autodiff: the CPU
-    forms' divides (the cotangent barrier, model._no_fold) and 2-D reshapes are gone."""
-    cfg = ModelConfig(vocab_size=128, seq_len=16, n_layer=2, d_model=32, n_head=2)
-    graphdef, params = _params(cfg)
-    tokens = jnp.zeros((2, cfg.seq_len), jnp.int32)
-
-    def count_ops():
-        loss = lambda p: model.apply(graphdef, p, tokens).mean()  # noqa: E731
-        text = str(jax.make_jaxpr(jax.grad(loss))(params))
-        return [len(re.findall(rf"= {op}\b", text)) for op in ("div", "reshape")]
-
-    cpu_divs, cpu_reshapes = count_ops()
-    with model.portable_lowering():
-        divs, reshapes = count_ops()
-    # in the scanned layer body: 1 barrier + 1 or 2 _no_fold for each of 4 projections
-    assert cpu_divs - divs >= 5
-    assert cpu_reshapes > reshapes

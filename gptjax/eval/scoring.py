@@ -51,7 +51,7 @@ from flax import nnx
 
 from gptjax.config import ModelConfig
 from gptjax.model import KVCache
-from gptjax.sharding import throttle
+from gptjax.xla_cpu import throttle
 
 log = logging.getLogger(__name__)
 
