@@ -154,7 +154,7 @@ class GptjaxTrainer:
 
         self.jax = jax
         mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-        tx = make_optimizer(cfg)
+        tx = make_optimizer(cfg.optim, cfg.train.steps)
         self.mesh_ctx = jax.set_mesh(mesh)
         with self.mesh_ctx:
             graphdef, _abstract, sh = train.state_shardings(cfg, mesh, tx)

@@ -10,10 +10,10 @@ from gptjax.config import (
     DataConfig,
     ModelConfig,
     OptimConfig,
+    SweepConfig,
     TokenizerConfig,
     TrainConfig,
 )
-from gptjax.sweep import SweepConfig
 
 
 def get_config() -> Config:

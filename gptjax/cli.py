@@ -34,7 +34,7 @@ def _run_job(job, user_errors: tuple[type[Exception], ...]) -> tuple[int, object
     loss 3, preemption 143. With several processes a failing one leaves at once instead
     of waiting for the others at exit (see gptjax.distributed.exit_now)."""
     from gptjax import distributed
-    from gptjax.train import NonFiniteLoss, Preempted
+    from gptjax.loop import NonFiniteLoss, Preempted
 
     try:
         return 0, job()
@@ -91,7 +91,8 @@ def _tokenizer_train(args, _overrides) -> int:
 
 def _generate(args, _overrides) -> int:
     from gptjax.checkpoint import CheckpointError
-    from gptjax.generate import Sampling, from_checkpoint, make_mesh
+    from gptjax.generate import Sampling, from_checkpoint
+    from gptjax.sharding import make_mesh
 
     if bool(args.prompt) == bool(args.prompt_ids):
         print("gptjax: give --prompt (text) or --prompt-ids (ids), one of them", file=sys.stderr)
@@ -208,28 +209,7 @@ def _scaling_fit(args, _overrides) -> int:
     return 0
 
 
-def _plan_cpu_devices(args, cfg) -> int:
-    """Simulated CPU devices the plan compiles on: the mesh's, or --devices, or for a
-    search --max-devices; at most 2048, about the most XLA:CPU accepts (gptjax.plan
-    extrapolates beyond)."""
-    if args.search:
-        n = args.max_devices
-    elif args.devices:
-        n = args.devices
-    elif args.mesh:
-        n = 1
-        for part in args.mesh.split(","):
-            value = part.partition("=")[2].strip()
-            n *= int(value) if value.isdigit() else 1
-    else:
-        n = max(1, cfg.mesh.data) * max(1, cfg.mesh.fsdp) * max(1, cfg.mesh.tensor)
-    return max(1, min(n, 2048))
-
-
 def _plan(args, overrides) -> int:
-    import os
-    import subprocess
-
     from gptjax import config as config_lib
 
     try:
@@ -237,23 +217,25 @@ def _plan(args, overrides) -> int:
     except config_lib.ConfigError as e:
         print(f"gptjax: config error: {e}", file=sys.stderr)
         return 2
-    # XLA:CPU reads the simulated device count when jax starts its backends: set it
-    # before gptjax.plan imports jax.
-    n = _plan_cpu_devices(args, cfg)
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # SPMD warnings, one per candidate
     from gptjax import plan as plan_lib
+    from gptjax.sharding import parse_mesh
 
-    if len(plan_lib.cpu_devices()) < n:  # jax had started already: plan in a fresh process
-        argv = ["plan", "--config", args.config, "--device", args.device, "--mfu", str(args.mfu)]
-        argv += ["--usable", str(args.usable), "--max-devices", str(args.max_devices)]
-        argv += ["--max-tensor", str(args.max_tensor), *[f"--config.{o}" for o in overrides]]
-        argv += ["--search"] if args.search else []
-        argv += ["--mesh", args.mesh] if args.mesh else []
-        argv += ["--devices", str(args.devices)] if args.devices else []
-        return subprocess.run([sys.executable, "-m", "gptjax", *argv]).returncode
+    if args.search:
+        n = plan_lib.compile_devices(None, args.max_devices)
+    else:
+        try:
+            mesh = parse_mesh(args.mesh) if args.mesh else cfg.mesh
+        except config_lib.ConfigError:
+            mesh = cfg.mesh  # reported below, in this process
+        n = plan_lib.compile_devices(mesh, args.devices)
+    argv = ["plan", "--config", args.config, "--device", args.device, "--mfu", str(args.mfu)]
+    argv += ["--usable", str(args.usable), "--max-devices", str(args.max_devices)]
+    argv += ["--max-tensor", str(args.max_tensor), *[f"--config.{o}" for o in overrides]]
+    argv += ["--search"] if args.search else []
+    argv += ["--mesh", args.mesh] if args.mesh else []
+    argv += ["--devices", str(args.devices)] if args.devices else []
+    if (rerun := plan_lib.with_cpu_devices(n, argv)) is not None:
+        return rerun
     try:
         if cfg.model.vocab_size <= 0:
             raise plan_lib.PlanError("set model.vocab_size (--config.model.vocab_size=N)")
@@ -277,10 +259,10 @@ def _plan(args, overrides) -> int:
                 return 1
             print(plan_lib.format_plan(best, cfg))
             return 0
-        mesh = plan_lib.parse_mesh(args.mesh) if args.mesh else cfg.mesh
+        mesh = parse_mesh(args.mesh) if args.mesh else cfg.mesh
         layout = plan_lib.resolve_layout(mesh, args.devices)
         p = plan_lib.plan(cfg, layout, device=args.device, mfu=args.mfu, usable=args.usable)
-    except plan_lib.PlanError as e:
+    except (plan_lib.PlanError, config_lib.ConfigError) as e:
         print(f"gptjax: {e}", file=sys.stderr)
         return 2
     print(plan_lib.format_plan(p, cfg))
@@ -332,6 +314,76 @@ def _predict(args, _overrides) -> int:
         return 2
     print(" ".join(f"{k}={v}" for k, v in summary.items()), f"-> {args.output}")
     return 0
+
+
+def _parse_shots(text: str) -> tuple[int, ...]:
+    try:
+        shots = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--shots {text!r}: expected comma-separated integers") from None
+    if not shots or any(k < 0 for k in shots):
+        raise ValueError(f"--shots {text!r}: expected K >= 0")
+    return tuple(dict.fromkeys(shots))
+
+
+def _eval(args, overrides) -> int:
+    """`gptjax eval`: 0 ok, 1 a task failed at run time (others still reported),
+    2 bad input (task, data file, checkpoint, arguments)."""
+    from gptjax.eval.tasks import EvalInputError, parse_task_arg, resolve_task
+    from gptjax.sharding import make_mesh, parse_mesh
+
+    def bad(msg) -> int:
+        print(f"gptjax eval: {msg}", file=sys.stderr)
+        return 2
+
+    try:
+        shots = _parse_shots(args.shots)
+        parse_mesh(args.mesh)  # a bad --mesh is bad input, said before any model work
+        fewshot_from = dict(parse_task_arg(x) for x in args.fewshot_from)
+        if any(v is None for v in fewshot_from.values()):
+            raise ValueError("--fewshot-from expects NAME=PATH")
+        task_names = list(dict.fromkeys(parse_task_arg(t)[0] for t in args.task))
+        for name in fewshot_from:
+            if name not in task_names:  # a misspelling would silently be ignored
+                raise ValueError(
+                    f"--fewshot-from {name}=...: no --task is named {name!r}; "
+                    f"the task names are: {', '.join(task_names)}"
+                )
+        if args.limit is not None and args.limit <= 0:
+            raise ValueError("--limit must be positive")
+        if args.batch_size <= 0:
+            raise ValueError("--batch-size must be positive")
+        # Every task is read and checked before any model work.
+        tasks = [resolve_task(t, fewshot_from, args.tfds_data_dir) for t in args.task]
+    except (EvalInputError, ValueError) as e:
+        return bad(e)
+
+    from gptjax.checkpoint import CheckpointError
+    from gptjax.eval.harness import RunOptions, run
+    from gptjax.eval.scoring import EvalModel
+
+    try:
+        mesh = make_mesh(args.mesh)
+        model = EvalModel.load(args.checkpoint, mesh=mesh, batch_size=args.batch_size)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        return bad(e)
+    plot = args.plot or (args.output.with_suffix(".png") if args.output else None)
+    opts = RunOptions(
+        shots=shots,
+        limit=args.limit,
+        seed=args.seed,
+        max_gen_tokens=args.max_gen_tokens,
+        output=args.output,
+        samples=args.log_samples,
+        plot=plot,
+    )
+    meta = {"checkpoint": str(args.checkpoint), "mesh": dict(mesh.shape)}
+    report = run(model, tasks, opts, meta)
+    print(report["table"])
+    for path in (args.output, plot, args.log_samples):
+        if path:
+            print(f"wrote {path}")
+    return 1 if any("error" in r for r in report["results"]) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -399,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--run", action="store_true", help="train the runs here, one after another")
     g.add_argument("--print-commands", action="store_true", help="print `gptjax train` commands")
     g.add_argument("--collect", action="store_true", help="only collect finished runs' results")
-    from gptjax.sweep import SweepConfig
+    from gptjax.config import SweepConfig
 
     for field in dataclasses.fields(SweepConfig):
         p.add_argument(f"--sweep.{field.name}", dest=f"sweep_{field.name}", metavar="VALUE")
@@ -445,11 +497,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=_predict, takes_overrides=False)
 
-    # Listed for --help; `main` hands `gptjax eval ...` to gptjax.eval's own parser.
     p = sub.add_parser(
-        "eval", help="few-shot evaluation of a checkpoint (docs/eval.md)", add_help=False
+        "eval",
+        help="few-shot evaluation of a checkpoint (docs/eval.md)",
+        description="few-shot evaluation of a gptjax checkpoint",
     )
-    p.set_defaults(func=None, takes_overrides=False)
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir or training workdir")
+    p.add_argument(
+        "--task",
+        action="append",
+        required=True,
+        metavar="NAME[=PATH]",
+        help="a built-in task and its data file (NAME alone: a prepared TFDS dataset), "
+        "mc=PATH / lm=PATH for user data, or NAME=DEF.yaml|json (a task as data); repeatable",
+    )
+    p.add_argument("--shots", default="0", help="comma-separated K values, e.g. 0,1,32")
+    p.add_argument(
+        "--fewshot-from", action="append", default=[], metavar="NAME=PATH",
+        help="draw NAME's demonstrations from this file (default: the training file "
+        "beside the data where one exists, else the eval set without the example)",
+    )  # fmt: skip
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
+    p.add_argument("--batch-size", type=int, default=32, help="continuations scored per batch")
+    p.add_argument("--output", type=Path, default=None, help="results JSON")
+    p.add_argument("--log-samples", type=Path, default=None, help="per-example JSONL")
+    p.add_argument("--plot", type=Path, default=None, help="PNG (default: beside --output)")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed")
+    p.add_argument("--max-gen-tokens", type=int, default=64)
+    p.add_argument(
+        "--mesh",
+        default="data=-1",
+        help="data=D,fsdp=F,tensor=T (default: all devices data-parallel)",
+    )
+    p.add_argument("--tfds-data-dir", default=None)
+    p.set_defaults(func=_eval, takes_overrides=False)
     return parser
 
 
@@ -460,10 +541,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if argv[:1] == ["eval"]:
-        from gptjax.eval import cli_main
-
-        return cli_main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     overrides = _split_overrides(extra, parser) if args.takes_overrides else []

@@ -173,11 +173,94 @@ class Config:
     distributed: DistributedConfig = DistributedConfig()
 
 
+# ----------------------------------------------------------------------------- fine-tuning
+
+# The fine-tuning tasks (gptjax/finetune_data.py holds their readers and metrics).
+TaskName = Literal[
+    "sst2", "cola", "mrpc", "qqp", "stsb", "rte", "cb", "snli", "mnli", "race", "storycloze"
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    name: TaskName = "sst2"
+    train: str = ""  # training file (formats: gptjax/finetune_data.py)
+    dev: str = ""  # evaluated after every epoch; picks the best epoch
+    n_ctx: int = 0  # tokens per sequence, 0: model.seq_len; longer inputs are truncated
+    max_train: int = 0  # use only the first N training examples (0: all)
+    max_dev: int = 0  # use only the first N dev examples (0: all)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSection:
+    init: Literal["pretrained", "random"] = "pretrained"  # random: the no-pretraining ablation
+    # A pretraining workdir (its latest step) or a converted checkpoint; `--init-from`.
+    # With init=random it still gives the architecture and tokenizer when set.
+    init_from: str = ""
+    epochs: int = 3
+    batch_size: int = 32
+    lm_coef: float = 0.5  # lambda of L3 = L2 + lambda * L1; 0 turns the auxiliary LM loss off
+    clf_dropout: float = 0.1  # dropout on the [extract] hidden state, before W_y
+    warmup_fraction: float = 0.002  # linear warmup over 0.2% of the steps
+    seed: int = 0
+    log_every: int = 10
+    length_bucket: int = 32  # batches are cut to a multiple of this many tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """The fine-tuning config tree; configs/finetune/*.py override it. The paper's
+    defaults: lr 6.25e-5, batch 32, 3 epochs, dropout 0.1, weight decay 0.01."""
+
+    task: TaskConfig = TaskConfig()
+    finetune: FinetuneSection = FinetuneSection()
+    # The architecture comes from the init checkpoint: fields set here (to non-default
+    # values) must agree with it, except the runtime ones (RUNTIME_FIELDS). Without an
+    # init checkpoint (init=random) this is the model, and `tokenizer` its tokenizer.
+    model: ModelConfig = ModelConfig(dropout=0.1, attn_dropout=0.1)
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    # warmup_steps and decay_steps are derived from finetune.warmup_fraction and epochs.
+    optim: OptimConfig = OptimConfig(
+        lr=6.25e-5, schedule="linear", warmup_steps=0, min_lr_ratio=0.0, b2=0.999,
+        weight_decay=0.01, clip_norm=1.0,
+    )  # fmt: skip
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig(every_steps=500, keep=2)
+    # Several processes (launch/): `gptjax finetune` joins them as `gptjax train` does.
+    distributed: DistributedConfig = DistributedConfig()
+
+
+# ----------------------------------------------------------------------------- scaling sweeps
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """The width -> shape and width -> LR rules, and how compute is counted.
+
+    Defaults here; a base config file may define `get_sweep_config() -> SweepConfig`,
+    and the command line overrides any field with --sweep.FIELD=VALUE.
+    """
+
+    aspect_ratio: float = 32.0  # d_model / n_layer
+    head_dim: int = 32  # d_model must be a multiple; n_head = d_model / head_dim
+    # LR scaling with width (one global LR: Adam's update size is per-parameter, so a
+    # 1/width rule is the muP-like choice for the hidden matrices, applied to all).
+    lr_rule: Literal["constant", "inverse_width", "inverse_sqrt_width"] = "inverse_width"
+    base_lr: float = 0.0  # LR at base_width; 0: the base config's optim.lr
+    base_width: int = 0  # 0: the base config's model.d_model
+    warmup_fraction: float = 0.0  # >0: optim.warmup_steps = fraction * steps; 0 keeps base
+    flops_rule: Literal["6N", "model"] = "6N"
+    # isoFLOP runs with D/N outside [min, max] tokens per parameter are dropped (0: no bound).
+    min_tokens_per_param: float = 0.0
+    max_tokens_per_param: float = 0.0
+    min_steps: int = 10  # runs with fewer optimizer steps are dropped
+
+
 class ConfigError(ValueError):
     """A config file, override or value that cannot be used."""
 
 
-def _coerce(text: str, annotation, key: str):
+def coerce(text: str, annotation, key: str):
     """Parse a command-line string into the field's declared type."""
     origin = typing.get_origin(annotation)
     if origin is Literal:
@@ -188,7 +271,7 @@ def _coerce(text: str, annotation, key: str):
     if origin is tuple:
         (item_type, _ellipsis) = typing.get_args(annotation)
         items = [t for t in text.split(",") if t != ""]
-        return tuple(_coerce(t.strip(), item_type, key) for t in items)
+        return tuple(coerce(t.strip(), item_type, key) for t in items)
     if annotation is bool:
         if text.lower() in ("1", "true", "yes"):
             return True
@@ -242,7 +325,7 @@ def override(cfg: Config, key: str, text: str) -> Config:
     fields = _field_types(type(sub))
     if field not in fields:
         raise ConfigError(f"unknown config key {key!r}: {section} has {', '.join(fields)}")
-    value = _coerce(text, fields[field], key)
+    value = coerce(text, fields[field], key)
     return dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{field: value})})
 
 

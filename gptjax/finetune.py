@@ -19,10 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from pathlib import Path
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gptjax import config as config_lib
-from gptjax import metrics, model, sharding, xla_cpu
+from gptjax import loop, metrics, model, sharding, xla_cpu
 from gptjax.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -44,14 +42,10 @@ from gptjax.checkpoint import (
 )
 from gptjax.config import (
     CheckpointConfig,
-    Config,
     ConfigError,
-    DistributedConfig,
-    MeshConfig,
+    FinetuneConfig,
     ModelConfig,
     OptimConfig,
-    TokenizerConfig,
-    TrainConfig,
 )
 from gptjax.files import write_text_atomic
 from gptjax.finetune_data import (
@@ -62,7 +56,6 @@ from gptjax.finetune_data import (
     ExampleSource,
     FinetuneDataError,
     Specials,
-    TaskName,
     TaskSpec,
     batch_at,
     encode,
@@ -71,62 +64,14 @@ from gptjax.finetune_data import (
     score,
     trim,
 )
+from gptjax.loop import PreemptionFlag
 from gptjax.optim import lr_schedule, make_optimizer
 from gptjax.tokenizer import load_tokenizer, tokenizer_from_record
-from gptjax.train import NonFiniteLoss, Preempted, TrainState, _SigtermFlag, jit_step
+from gptjax.train import TrainState, jit_step
 
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- config
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskConfig:
-    name: TaskName = "sst2"
-    train: str = ""  # training file (formats: gptjax/finetune_data.py)
-    dev: str = ""  # evaluated after every epoch; picks the best epoch
-    n_ctx: int = 0  # tokens per sequence, 0: model.seq_len; longer inputs are truncated
-    max_train: int = 0  # use only the first N training examples (0: all)
-    max_dev: int = 0  # use only the first N dev examples (0: all)
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneSection:
-    init: Literal["pretrained", "random"] = "pretrained"  # random: the no-pretraining ablation
-    # A pretraining workdir (its latest step) or a converted checkpoint; `--init-from`.
-    # With init=random it still gives the architecture and tokenizer when set.
-    init_from: str = ""
-    epochs: int = 3
-    batch_size: int = 32
-    lm_coef: float = 0.5  # lambda of L3 = L2 + lambda * L1; 0 turns the auxiliary LM loss off
-    clf_dropout: float = 0.1  # dropout on the [extract] hidden state, before W_y
-    warmup_fraction: float = 0.002  # linear warmup over 0.2% of the steps
-    seed: int = 0
-    log_every: int = 10
-    length_bucket: int = 32  # batches are cut to a multiple of this many tokens
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneConfig:
-    """The fine-tuning config tree; configs/finetune/*.py override it. The paper's
-    defaults: lr 6.25e-5, batch 32, 3 epochs, dropout 0.1, weight decay 0.01."""
-
-    task: TaskConfig = TaskConfig()
-    finetune: FinetuneSection = FinetuneSection()
-    # The architecture comes from the init checkpoint: fields set here (to non-default
-    # values) must agree with it, except the runtime ones (RUNTIME_FIELDS). Without an
-    # init checkpoint (init=random) this is the model, and `tokenizer` its tokenizer.
-    model: ModelConfig = ModelConfig(dropout=0.1, attn_dropout=0.1)
-    tokenizer: TokenizerConfig = TokenizerConfig()
-    # warmup_steps and decay_steps are derived from finetune.warmup_fraction and epochs.
-    optim: OptimConfig = OptimConfig(
-        lr=6.25e-5, schedule="linear", warmup_steps=0, min_lr_ratio=0.0, b2=0.999,
-        weight_decay=0.01, clip_norm=1.0,
-    )  # fmt: skip
-    mesh: MeshConfig = MeshConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig(every_steps=500, keep=2)
-    # Several processes (launch/): `gptjax finetune` joins them as `gptjax train` does.
-    distributed: DistributedConfig = DistributedConfig()
 
 
 RUNTIME_FIELDS = ("dropout", "attn_dropout", "compute_dtype", "remat", "attention_impl")
@@ -157,14 +102,13 @@ def load_config(path, overrides=()) -> FinetuneConfig:
     return validate(config_lib.load(path, overrides, root=FinetuneConfig))
 
 
-def optimizer_config(cfg: FinetuneConfig, total_steps: int) -> Config:
-    """The config optim.py reads: warmup over warmup_fraction of the steps, then the
-    schedule (linear to lr * min_lr_ratio = 0) over the rest."""
+def optimizer_config(cfg: FinetuneConfig, total_steps: int) -> OptimConfig:
+    """The optimizer settings of a run of total_steps: warmup over warmup_fraction of
+    the steps, then the schedule (linear to lr * min_lr_ratio = 0) over the rest."""
     warmup = round(cfg.finetune.warmup_fraction * total_steps)
     if cfg.finetune.warmup_fraction > 0:
         warmup = max(warmup, 1)
-    optim = dataclasses.replace(cfg.optim, warmup_steps=warmup, decay_steps=total_steps)
-    return Config(optim=optim, train=TrainConfig(steps=total_steps))
+    return dataclasses.replace(cfg.optim, warmup_steps=warmup, decay_steps=total_steps)
 
 
 # ----------------------------------------------------------------------------- model
@@ -334,12 +278,7 @@ def state_shardings(model_cfg: ModelConfig, spec: TaskSpec, mesh, tx):
         for name, x in abstract.params["head"].items()
     }
     param_sh = {"model": sharding.param_shardings(abstract_model, mesh), "head": head_sh}
-    replicated = NamedSharding(mesh, P())
-    opt_sh = optax.tree_map_params(
-        tx, lambda _, s: s, abstract.opt_state, param_sh, transform_non_params=lambda _: replicated
-    )
-    shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
-    return graphdef, abstract, shardings
+    return graphdef, abstract, sharding.state_shardings(abstract, param_sh, mesh, tx)
 
 
 def _init_source(cfg: FinetuneConfig):
@@ -463,7 +402,7 @@ def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dic
         )
     total = f.epochs * steps_per_epoch
     opt_cfg = optimizer_config(cfg, total)
-    tx, schedule = make_optimizer(opt_cfg), lr_schedule(opt_cfg)
+    tx, schedule = make_optimizer(opt_cfg, total), lr_schedule(opt_cfg, total)
     primary_metric = spec.metrics[0]
 
     with jax.set_mesh(mesh):
@@ -523,7 +462,7 @@ def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dic
         def save(step: int) -> None:
             ckpt.save(step, state, train_iter, config_lib.to_dict(run_cfg), tokenizer.to_record())
 
-        with _SigtermFlag() as sigterm:
+        with PreemptionFlag() as sigterm:
             try:
                 for step in range(start, total):
                     local = next(train_iter)  # cut to the global batch's longest sequence
@@ -532,15 +471,20 @@ def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dic
                         for k, v in local.items()
                     }
                     state, m = step_fn(state, batch)
-                    pending.append(m)
+                    pending.append((step + 1, m))
                     xla_cpu.throttle(pending)
                     done = step + 1
                     epoch_end = done % steps_per_epoch == 0
                     if done % f.log_every == 0 or epoch_end:
-                        got = jax.device_get(pending)
-                        pending.clear()
-                        if not all(math.isfinite(float(x["loss"])) for x in got):
-                            raise NonFiniteLoss(f"non-finite loss by step {done}; stopping")
+                        got = [
+                            m
+                            for _, m in loop.drain(
+                                pending,
+                                lambda s, loss, done=done: (
+                                    f"non-finite loss by step {done}; stopping"
+                                ),
+                            )
+                        ]
                         now = time.perf_counter()
                         record = {k: float(np.mean([x[k] for x in got])) for k in got[0]}
                         record["lr"] = float(got[-1]["lr"])
@@ -569,16 +513,13 @@ def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dic
                             best = {"step": done, **entry}
                             if primary:
                                 write_text_atomic(best_file, json.dumps(best, indent=2))
-                    saved = done % cfg.checkpoint.every_steps == 0 or epoch_end
+                    saved = loop.checkpoint_due(done, cfg.checkpoint.every_steps, last=epoch_end)
                     if saved:
                         save(done)
-                    if sigterm.reached(done) or done == stop_after:
-                        if not saved:
-                            save(done)
-                        ckpt.wait()
-                        raise Preempted(
-                            f"stopped at step {done}: checkpoint saved; re-run to resume"
-                        )
+                    loop.stop_if_preempted(
+                        sigterm, done, saved=saved, save=save, ckpt=ckpt, why="stopped",
+                        stop_after=stop_after,
+                    )  # fmt: skip
                 ckpt.wait()
             finally:
                 writer.close()

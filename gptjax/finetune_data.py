@@ -25,6 +25,7 @@ from typing import Literal
 
 import numpy as np
 
+from gptjax.config import TaskName
 from gptjax.data.loader import TrainBatches
 from gptjax.eval.metrics import accuracy, binary_f1, macro_f1, matthews, pearson, spearman
 from gptjax.rows import Rows, read_jsonl, read_rows, read_tsv
@@ -32,9 +33,6 @@ from gptjax.rows import Rows, read_jsonl, read_rows, read_tsv
 log = logging.getLogger(__name__)
 
 Kind = Literal["classification", "entailment", "similarity", "multiple_choice"]
-TaskName = Literal[
-    "sst2", "cola", "mrpc", "qqp", "stsb", "rte", "cb", "snli", "mnli", "race", "storycloze"
-]
 N_SPECIALS = 3  # start, delim, extract: appended after the pretrained vocabulary
 UNLABELLED = -1
 

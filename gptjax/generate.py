@@ -250,25 +250,6 @@ def cut_ids_at_stop(
     return ids[:n]
 
 
-def make_mesh(text: str, devices=None):
-    """A jax Mesh from `data=D,fsdp=F,tensor=T` (the syntax of `gptjax plan --mesh`: axes
-    left out are 1, one may be -1 for the rest): on the first D*F*T devices, or on all of
-    them when an axis is -1. ValueError when the devices do not fit."""
-    from gptjax import sharding
-    from gptjax.plan import parse_mesh
-
-    mesh_cfg = parse_mesh(text)
-    sizes = (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
-    if devices is None:
-        devices = jax.devices()
-        if -1 not in sizes and 0 < math.prod(sizes) <= len(devices):
-            devices = devices[: math.prod(sizes)]
-    try:
-        return sharding.make_mesh(mesh_cfg, devices)
-    except ValueError as e:
-        raise ValueError(f"--mesh {text!r}: {e}") from None
-
-
 @dataclasses.dataclass
 class Loaded:
     """A checkpoint ready to generate from: its model, parameters (on `mesh`, when one

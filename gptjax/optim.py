@@ -10,15 +10,15 @@ from __future__ import annotations
 import jax
 import optax
 
-from gptjax.config import Config
+from gptjax.config import OptimConfig
 
 # Top-level parameter names that are embeddings (decayed only if optim.decay_embeddings).
 EMBEDDINGS = ("wte", "wpe")
 
 
-def lr_schedule(cfg: Config) -> optax.Schedule:
-    o = cfg.optim
-    decay_steps = o.decay_steps or cfg.train.steps
+def lr_schedule(o: OptimConfig, steps: int) -> optax.Schedule:
+    """Linear warmup, then the decay over optim.decay_steps (0: the run's `steps`)."""
+    decay_steps = o.decay_steps or steps
     floor = o.lr * o.min_lr_ratio
     warmup = optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1))
     span = max(decay_steps - o.warmup_steps, 1)
@@ -45,10 +45,10 @@ def decay_mask(params, decay_embeddings: bool = False):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    o = cfg.optim
+def make_optimizer(o: OptimConfig, steps: int) -> optax.GradientTransformation:
+    """AdamW on lr_schedule(o, steps), after global-norm clipping when o.clip_norm > 0."""
     adamw = optax.adamw(
-        lr_schedule(cfg),
+        lr_schedule(o, steps),
         b1=o.b1,
         b2=o.b2,
         eps=o.eps,

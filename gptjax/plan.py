@@ -33,8 +33,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from gptjax import metrics, model, sharding, train, xla_cpu
 from gptjax.config import Config, MeshConfig
@@ -130,21 +128,34 @@ def cpu_devices() -> list:
     return jax.devices("cpu")
 
 
+def compile_devices(mesh: MeshConfig | None, devices: int | None) -> int:
+    """Simulated CPU devices a plan compiles on: `devices` when given, else the mesh's
+    (-1 axes count 1); at most MAX_CPU_DEVICES (plan() extrapolates beyond)."""
+    if devices:
+        n = devices
+    else:
+        n = math.prod(max(1, s) for s in (mesh.data, mesh.fsdp, mesh.tensor))
+    return max(1, min(n, MAX_CPU_DEVICES))
+
+
+def with_cpu_devices(n: int, argv: list[str]) -> int | None:
+    """Ask XLA:CPU for n simulated devices, which it reads when jax starts its backends.
+    When jax has started with fewer, `gptjax ARGV` re-runs in a fresh process: returns
+    its exit status; None when this process can plan."""
+    import os
+    import subprocess
+    import sys
+
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # SPMD warnings, one per candidate
+    if len(cpu_devices()) >= n:
+        return None
+    return subprocess.run([sys.executable, "-m", "gptjax", *argv]).returncode
+
+
 # ----------------------------------------------------------------------------- layouts
-
-
-def parse_mesh(text: str) -> MeshConfig:
-    """`data=2,fsdp=4,tensor=1`: axes left out are 1; one axis may be -1 (the rest)."""
-    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = part.partition("=")
-        if not sep or key.strip() not in sizes:
-            raise PlanError(f"--mesh: {part!r} is not one of data=N, fsdp=N, tensor=N")
-        try:
-            sizes[key.strip()] = int(value)
-        except ValueError:
-            raise PlanError(f"--mesh: {part!r} needs an integer size") from None
-    return MeshConfig(**sizes)
 
 
 def resolve_layout(mesh: MeshConfig, devices: int | None) -> Layout:
@@ -206,7 +217,7 @@ def state_bytes(cfg: Config, layout: Layout) -> tuple[int, int]:
     """(parameter, optimizer-state) bytes per device at a layout, from the trainer's own
     derived shardings on an abstract mesh (no devices needed, any size)."""
     mesh = _abstract_mesh(layout)
-    _, abstract, sh = train.state_shardings(cfg, mesh, make_optimizer(cfg))
+    _, abstract, sh = train.state_shardings(cfg, mesh, make_optimizer(cfg.optim, cfg.train.steps))
     return shard_bytes(abstract.params, sh.params), shard_bytes(abstract.opt_state, sh.opt_state)
 
 
@@ -227,14 +238,14 @@ def compile_step(cfg: Config, layout: Layout, devices=None):
         )
     mesh_cfg = MeshConfig(data=layout.data, fsdp=layout.fsdp, tensor=layout.tensor)
     mesh = sharding.make_mesh(mesh_cfg, devices[: layout.devices])
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
     t = cfg.train
     with jax.set_mesh(mesh):
         graphdef, abstract, state_sh = train.state_shardings(cfg, mesh, tx)
         state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
         )
-        batch_sh = NamedSharding(mesh, P(None, sharding.RULES["batch"], None))
+        batch_sh = sharding.batch_sharding(mesh, 3, batch_dim=1)
         batch = jax.ShapeDtypeStruct(
             (t.microbatches, t.batch_size // t.microbatches, cfg.model.seq_len + 1),
             jnp.int32,

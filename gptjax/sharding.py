@@ -11,6 +11,7 @@ only for long-context work.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -60,9 +61,51 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
-def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+def parse_mesh(text: str) -> MeshConfig:
+    """THE mesh syntax, `data=2,fsdp=4,tensor=1`: axes left out are 1; one may be -1
+    (the devices left over). The old `D,F,T` form is still read, with a warning."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if len(parts) == 3 and all("=" not in p for p in parts):
+        try:
+            old = MeshConfig(*(int(p) for p in parts))
+        except ValueError:
+            pass
+        else:
+            logging.warning(
+                "--mesh %s is deprecated: write --mesh data=%d,fsdp=%d,tensor=%d",
+                text, old.data, old.fsdp, old.tensor,
+            )  # fmt: skip
+            return old
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in sizes:
+            raise ConfigError(f"--mesh: {part!r} is not one of data=N, fsdp=N, tensor=N")
+        try:
+            sizes[key.strip()] = int(value)
+        except ValueError:
+            raise ConfigError(f"--mesh: {part!r} needs an integer size") from None
+    return MeshConfig(**sizes)
+
+
+def make_mesh(cfg: MeshConfig | str, devices=None) -> Mesh:
+    """A Mesh over `devices` (default: all) with the (data, fsdp, tensor) shape of
+    `cfg`. Given as text (`--mesh`, parse_mesh) and without devices, it takes the
+    first data*fsdp*tensor devices, or all of them when an axis is -1. A shape that
+    does not fit is a ConfigError."""
+    text = None
+    if isinstance(cfg, str):
+        text, cfg = cfg, parse_mesh(cfg)
+        sizes = (cfg.data, cfg.fsdp, cfg.tensor)
+        if devices is None and -1 not in sizes and 0 < math.prod(sizes) <= jax.device_count():
+            devices = jax.devices()[: math.prod(sizes)]
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(cfg, len(devices))
+    try:
+        shape = mesh_shape(cfg, len(devices))
+    except ConfigError as e:
+        if text is None:
+            raise
+        raise ConfigError(f"--mesh {text!r}: {e}") from None
     return jax.make_mesh(
         shape,
         MESH_AXES,
@@ -98,6 +141,25 @@ def param_shardings(abstract_state, mesh: Mesh):
 
     return nnx.to_pure_dict(
         jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    )
+
+
+def state_shardings(abstract_state, param_sh, mesh: Mesh, tx):
+    """Shardings for a train state (a dataclass with step, params, opt_state, rng, from
+    eval_shape): the parameters' `param_sh`, the optimizer state's those of the
+    parameters it belongs to, the rest replicated."""
+    import optax
+
+    replicated = NamedSharding(mesh, P())
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract_state.opt_state,
+        param_sh,
+        transform_non_params=lambda _: replicated,
+    )
+    return dataclasses.replace(
+        abstract_state, step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated
     )
 
 

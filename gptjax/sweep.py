@@ -28,36 +28,12 @@ import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 from gptjax import config as config_lib
-from gptjax.config import Config, ConfigError
+from gptjax.config import Config, ConfigError, SweepConfig
 from gptjax.files import write_text_atomic
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepConfig:
-    """The width -> shape and width -> LR rules, and how compute is counted.
-
-    Defaults here; a base config file may define `get_sweep_config() -> SweepConfig`,
-    and the command line overrides any field with --sweep.FIELD=VALUE.
-    """
-
-    aspect_ratio: float = 32.0  # d_model / n_layer
-    head_dim: int = 32  # d_model must be a multiple; n_head = d_model / head_dim
-    # LR scaling with width (one global LR: Adam's update size is per-parameter, so a
-    # 1/width rule is the muP-like choice for the hidden matrices, applied to all).
-    lr_rule: Literal["constant", "inverse_width", "inverse_sqrt_width"] = "inverse_width"
-    base_lr: float = 0.0  # LR at base_width; 0: the base config's optim.lr
-    base_width: int = 0  # 0: the base config's model.d_model
-    warmup_fraction: float = 0.0  # >0: optim.warmup_steps = fraction * steps; 0 keeps base
-    flops_rule: Literal["6N", "model"] = "6N"
-    # isoFLOP runs with D/N outside [min, max] tokens per parameter are dropped (0: no bound).
-    min_tokens_per_param: float = 0.0
-    max_tokens_per_param: float = 0.0
-    min_steps: int = 10  # runs with fewer optimizer steps are dropped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +121,7 @@ def sweep_overrides(rule: SweepConfig, items: Sequence[str]) -> SweepConfig:
             raise ConfigError(f"--sweep.{item}: expected --sweep.FIELD=VALUE")
         if key not in types_:
             raise ConfigError(f"unknown sweep key {key!r}: fields are {', '.join(types_)}")
-        value = config_lib._coerce(text, types_[key], f"sweep.{key}")
+        value = config_lib.coerce(text, types_[key], f"sweep.{key}")
         rule = dataclasses.replace(rule, **{key: value})
     return rule
 

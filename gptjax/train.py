@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -19,11 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from gptjax import config as config_lib
-from gptjax import data, metrics, model, sharding, xla_cpu
+from gptjax import data, loop, metrics, model, sharding, xla_cpu
 from gptjax.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -34,6 +31,7 @@ from gptjax.checkpoint import (
 )
 from gptjax.config import Config
 from gptjax.distributed import primary_first
+from gptjax.loop import NonFiniteLoss, Preempted, PreemptionFlag, Progress
 from gptjax.optim import lr_schedule, make_optimizer
 from gptjax.tokenizer import tokenizer_from_record
 
@@ -48,14 +46,6 @@ class TrainState:
     rng: jax.Array  # base dropout key; step and microbatch are folded in
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class Preempted(RuntimeError):
-    pass
-
-
 # ----------------------------------------------------------------------------- state
 
 
@@ -63,19 +53,10 @@ def state_shardings(cfg: Config, mesh, tx):
     """(abstract TrainState, its shardings), derived from eval_shape and the rules table."""
     graphdef, abstract_params = model.abstract_model(cfg.model)
     param_sh = sharding.param_shardings(abstract_params, mesh)
-    replicated = NamedSharding(mesh, P())
     abstract = jax.eval_shape(
         lambda k: _init_state(cfg, tx, k), jax.random.key_data(jax.random.key(0))
     )
-    opt_sh = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abstract.opt_state,
-        param_sh,
-        transform_non_params=lambda _: replicated,
-    )
-    shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
-    return graphdef, abstract, shardings
+    return graphdef, abstract, sharding.state_shardings(abstract, param_sh, mesh, tx)
 
 
 def _init_state(cfg: Config, tx, key_data) -> TrainState:
@@ -109,7 +90,7 @@ def lm_loss(graphdef, params, tokens_BxL1, rng=None):
 
 
 def make_train_step(cfg: Config, graphdef, tx):
-    schedule = lr_schedule(cfg)
+    schedule = lr_schedule(cfg.optim, cfg.train.steps)
     use_dropout = cfg.model.dropout > 0 or cfg.model.attn_dropout > 0
 
     def train_step(state: TrainState, batch_KxBxL1):
@@ -205,44 +186,6 @@ def _global_batch(local_KxBxL1: np.ndarray, batch_sh) -> jax.Array:
     return jax.make_array_from_process_local_data(batch_sh, local_KxBxL1)
 
 
-class _SigtermFlag:
-    """Turns SIGTERM (preemption) into a flag the loop checks after each step.
-
-    With several processes, SIGTERM may reach them at different steps (or reach only
-    some): JAX's preemption service catches it instead and agrees on one step at which
-    every process stops, so they all save the same checkpoint.
-    """
-
-    def __init__(self):
-        self.raised = False
-        self._previous = None
-        self._multi = jax.process_count() > 1
-
-    def reached(self, step: int) -> bool:
-        """Called by every process after every step: stop and save at this step?"""
-        if self._multi:
-            from jax.experimental import multihost_utils
-
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.raised
-
-    def __enter__(self):
-        if self._multi:
-            return self
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no preemption handling
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.raised = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def train(cfg: Config, workdir: str | Path) -> dict:
     """Pretrain (or resume) in workdir. Returns a summary dict."""
     workdir = Path(workdir)
@@ -285,11 +228,11 @@ def train(cfg: Config, workdir: str | Path) -> dict:
             f"microbatch of {micro_global} sequences does not split over data*fsdp="
             f"{n_batch_shards} and {n_proc} processes"
         )
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(cfg.optim, t.steps)
 
     with jax.set_mesh(mesh):
         graphdef, abstract, state_sh = state_shardings(cfg, mesh, tx)
-        batch_sh = NamedSharding(mesh, P(None, sharding.RULES["batch"], None))
+        batch_sh = sharding.batch_sharding(mesh, 3, batch_dim=1)  # [K, B, L+1]
         eval_sh = sharding.batch_sharding(mesh, 2)
         train_iter = data.train_iterator(train_src, micro_global, t.seed)
 
@@ -340,16 +283,13 @@ def train(cfg: Config, workdir: str | Path) -> dict:
         flush_held: list[tuple[int, dict]] = []  # read at a checkpoint, not yet logged
 
         def flush_pending() -> list[tuple[int, dict]]:
-            got = jax.device_get(pending)
-            pending.clear()
-            for s, m in got:
-                if not math.isfinite(float(m["loss"])):
-                    raise NonFiniteLoss(
-                        f"loss is {float(m['loss'])} at step {s}; stopping. The last "
-                        f"checkpoint (step {ckpt.steps()[-1] if ckpt.steps() else 'none'}) "
-                        f"is from before it"
-                    )
-            return got
+            return loop.drain(
+                pending,
+                lambda s, loss: (
+                    f"loss is {loss} at step {s}; stopping. The last checkpoint "
+                    f"(step {ckpt.steps()[-1] if ckpt.steps() else 'none'}) is from before it"
+                ),
+            )
 
         def save(step: int) -> None:
             flush_held.extend(flush_pending())
@@ -361,10 +301,10 @@ def train(cfg: Config, workdir: str | Path) -> dict:
                 tokenizer.to_record(),
             )
 
-        progress = _progress(start_step, t.steps, primary)
+        progress = Progress(start_step, t.steps, primary)
         last_time, last_step = time.perf_counter(), start_step
         val_loss = None
-        with _SigtermFlag() as sigterm:
+        with PreemptionFlag() as sigterm:
             try:
                 for step in range(start_step, t.steps):
                     k = microbatches_at(cfg, step)
@@ -397,15 +337,14 @@ def train(cfg: Config, workdir: str | Path) -> dict:
                             record["val_ppl"] = math.exp(min(val_loss, 50.0))
                         writer.write(done, record)
                         progress.update(done, record)
-                    if done % cfg.checkpoint.every_steps == 0 or done == t.steps:
+                    saved = loop.checkpoint_due(
+                        done, cfg.checkpoint.every_steps, last=done == t.steps
+                    )
+                    if saved:
                         save(done)
-                    if sigterm.reached(done):
-                        if done % cfg.checkpoint.every_steps and done != t.steps:
-                            save(done)
-                        ckpt.wait()
-                        raise Preempted(
-                            f"SIGTERM at step {done}: checkpoint saved; re-run to resume"
-                        )
+                    loop.stop_if_preempted(
+                        sigterm, done, saved=saved, save=save, ckpt=ckpt, why="SIGTERM"
+                    )
                 ckpt.wait()
             finally:
                 progress.close()
@@ -437,30 +376,6 @@ def train(cfg: Config, workdir: str | Path) -> dict:
         if primary:
             print(f"--- sample ---\n{t.sample_prompt}{text}\n--------------", flush=True)
     return summary
-
-
-class _progress:
-    """A tqdm bar over steps, showing the latest logged metrics (process 0 only)."""
-
-    def __init__(self, start: int, total: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-    def update(self, step: int, record: dict) -> None:
-        if self.bar is None:
-            return
-        self.bar.n = step
-        shown = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_sec']:.0f}"}
-        if "val_loss" in record:
-            shown["val"] = f"{record['val_loss']:.3f}"
-        self.bar.set_postfix(shown, refresh=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 __all__ = [

@@ -11,14 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import checkpoint, config, model
+from gptjax import checkpoint, cli, config, model
 from gptjax.config import Config, MeshConfig, ModelConfig, TokenizerConfig
-from gptjax.eval import cli_main, fewshot, harness, loaders, metrics, scoring, tasks
+from gptjax.eval import fewshot, harness, loaders, metrics, scoring, tasks
 from gptjax.eval.scoring import EvalModel, encode_pair, length_bucket, rolling_windows
 from gptjax.eval.tasks import EvalInputError, Example
 from gptjax.tokenizer import load_tokenizer
 
 N_CTX = 64
+
+
+def cli_main(argv):
+    """`gptjax eval ARGV`."""
+    return cli.main(["eval", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -586,7 +591,7 @@ def test_cli_writes_results_table_png_and_samples(ckpt, shared_data, tmp_path, c
         "--task", f"hellaswag={shared_data / 'hellaswag' / 'hellaswag_val_first200.txt'}",
         "--task", f"piqa={shared_data / 'piqa' / 'valid_first200.jsonl'}",
         "--task", f"lm={lm}",
-        "--shots", "0,1", "--limit", "4", "--batch-size", "8", "--mesh", "1,1,1",
+        "--shots", "0,1", "--limit", "4", "--batch-size", "8", "--mesh", "data=1",
         "--output", str(out), "--log-samples", str(tmp_path / "samples.jsonl"),
     ])  # fmt: skip
     assert rc == 0

@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 from hf_reference import random_gpt2
 
-from gptjax import model
-from gptjax.eval import cli_main
+from gptjax import cli, model
 from gptjax.eval.scoring import EvalModel
 
 LIMIT = 40
@@ -39,6 +38,11 @@ TASKS = {"hellaswag": "hellaswag/hellaswag_val_first200.txt", "piqa": "piqa/vali
 #   differ), which moves float32 results by a few ulps: 1e-6.
 REL_TOL_HF = 2e-6
 REL_TOL_ADAPTER = 1e-6
+
+
+def cli_main(argv):
+    """`gptjax eval ARGV`."""
+    return cli.main(["eval", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +115,7 @@ def ours(gpt2, shared_data, tmp_path_factory):
     """`gptjax eval` on the imported checkpoint: {task: (result, per-example samples)}."""
     out = tmp_path_factory.mktemp("ours")
     argv = ["--checkpoint", str(gpt2[1]), "--shots", "0", "--limit", str(LIMIT),
-            "--batch-size", "32", "--mesh", "1,1,1", "--output", str(out / "results.json"),
+            "--batch-size", "32", "--mesh", "data=1", "--output", str(out / "results.json"),
             "--log-samples", str(out / "samples.jsonl"), "--plot", str(out / "acc.png")]  # fmt: skip
     for name, rel in TASKS.items():
         argv += ["--task", f"{name}={shared_data / rel}"]

@@ -342,7 +342,7 @@ def test_configs_load_and_overrides_are_checked():
         ft.load_config(REPO / "configs/finetune/sst2.py", ["finetune.lm_coeff=0"])
     with pytest.raises(ConfigError, match="warmup_fraction"):
         ft.load_config(REPO / "configs/finetune/sst2.py", ["optim.warmup_steps=10"])
-    lr = ft.lr_schedule(ft.optimizer_config(cfg, 1000))
+    lr = ft.lr_schedule(ft.optimizer_config(cfg, 1000), 1000)
     assert float(lr(2)) == pytest.approx(6.25e-5) and float(lr(1000)) == pytest.approx(0.0)
 
 
@@ -449,7 +449,7 @@ def test_initial_state_is_the_pretrained_checkpoint_except_the_new_rows(shared_d
     spec = fd.TASKS["sst2"]
     _, base_cfg = ft._init_source(cfg)
     model_cfg = ft.with_specials(base_cfg, cfg.model)
-    tx = make_optimizer(ft.optimizer_config(cfg, 8))
+    tx = make_optimizer(ft.optimizer_config(cfg, 8), 8)
     mesh = sharding.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
         _, _, state_sh = ft.state_shardings(model_cfg, spec, mesh, tx)

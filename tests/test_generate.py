@@ -339,7 +339,7 @@ def test_cli_generates_on_a_mesh_like_on_one_device(plain_checkpoint, capsys):
     for mesh in ("data=1,fsdp=2,tensor=4", "data=2,fsdp=2,tensor=2"):
         rc, out, _ = _cli(capsys, *args, "--mesh", mesh)
         assert rc == 0 and out == single, mesh
-    loaded = generate.load(plain_checkpoint, generate.make_mesh("fsdp=2,tensor=4"))
+    loaded = generate.load(plain_checkpoint, sharding.make_mesh("fsdp=2,tensor=4"))
     wq = loaded.params["blocks"]["attn"]["wq"]
     assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
     assert len(wq.sharding.device_set) == 8

@@ -34,7 +34,7 @@ def test_decay_mask_spares_biases_norms_and_embeddings():
 
 
 def test_schedule_warmup_cosine_floor():
-    lr = lr_schedule(CFG)
+    lr = lr_schedule(CFG.optim, CFG.train.steps)
     assert float(lr(0)) == 0.0
     assert float(lr(5)) == pytest.approx(0.5e-3)
     assert float(lr(10)) == pytest.approx(1e-3)
@@ -45,7 +45,7 @@ def test_schedule_warmup_cosine_floor():
 
 def _run_step(cfg, batch_KxBxL1):
     mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
     with jax.set_mesh(mesh):
         graphdef, _, sh = train.state_shardings(cfg, mesh, tx)
         state = train.init_state(cfg, mesh, tx, sh)

@@ -13,8 +13,9 @@ from flax import nnx
 
 from gptjax import config as config_lib
 from gptjax import plan as plan_lib
-from gptjax.config import Config, ModelConfig, TrainConfig
+from gptjax.config import Config, ConfigError, ModelConfig, TrainConfig
 from gptjax.model import abstract_model, param_count
+from gptjax.sharding import parse_mesh
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -86,14 +87,12 @@ def test_extrapolation_over_data_replicas_matches_the_real_compile(plans):
 
 def test_bad_meshes_are_clear_errors():
     with pytest.raises(plan_lib.PlanError, match="does not divide the 8 devices"):
-        plan_lib.resolve_layout(plan_lib.parse_mesh("data=3,fsdp=-1"), 8)
+        plan_lib.resolve_layout(parse_mesh("data=3,fsdp=-1"), 8)
     with pytest.raises(plan_lib.PlanError, match="-1 axis: give --devices"):
-        plan_lib.resolve_layout(plan_lib.parse_mesh("fsdp=-1"), None)
-    with pytest.raises(plan_lib.PlanError, match="not one of data=N"):
-        plan_lib.parse_mesh("pipeline=2")
-    assert plan_lib.resolve_layout(plan_lib.parse_mesh("fsdp=-1,tensor=2"), 16) == (
-        plan_lib.Layout(1, 8, 2)
-    )
+        plan_lib.resolve_layout(parse_mesh("fsdp=-1"), None)
+    with pytest.raises(ConfigError, match="not one of data=N"):
+        parse_mesh("pipeline=2")
+    assert plan_lib.resolve_layout(parse_mesh("fsdp=-1,tensor=2"), 16) == (plan_lib.Layout(1, 8, 2))
     with pytest.raises(plan_lib.PlanError, match="does not split over data\\*fsdp=16"):
         plan_lib.plan(tiny(), plan_lib.Layout(2, 8, 1))  # microbatch of 8 sequences
     with pytest.raises(plan_lib.PlanError, match="tensor=8 does not divide model.n_head=4"):

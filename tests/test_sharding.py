@@ -23,7 +23,7 @@ STEPS = 6
 def _losses(mesh_cfg: MeshConfig, devices=None) -> list[float]:
     cfg = dataclasses.replace(CFG, mesh=mesh_cfg)
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
     rng = np.random.default_rng(0)
     with jax.set_mesh(mesh):
         graphdef, _, sh = train.state_shardings(cfg, mesh, tx)
@@ -101,3 +101,23 @@ def _pure_shapes(abstract):
     from flax import nnx
 
     return nnx.to_pure_dict(abstract)
+
+
+def test_one_mesh_syntax_and_the_deprecated_alias(caplog):
+    """parse_mesh reads data=/fsdp=/tensor= (left out: 1, -1: the rest); the old D,F,T
+    form gives the same MeshConfig with a one-line deprecation warning; bad text is a
+    ConfigError naming the part; make_mesh from text takes the first devices it needs."""
+    from gptjax.config import ConfigError
+
+    assert sharding.parse_mesh("data=2,fsdp=-1") == MeshConfig(2, -1, 1)
+    assert sharding.parse_mesh("tensor=4") == MeshConfig(1, 1, 4)
+    assert not caplog.records
+    assert sharding.parse_mesh("-1,2,1") == MeshConfig(-1, 2, 1)
+    assert "deprecated: write --mesh data=-1,fsdp=2,tensor=1" in caplog.text
+    for bad, why in [("pipe=2", "not one of data=N"), ("data=x", "needs an integer size")]:
+        with pytest.raises(ConfigError, match=why):
+            sharding.parse_mesh(bad)
+    assert dict(sharding.make_mesh("fsdp=2,tensor=2").shape) == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert sharding.make_mesh("data=-1").size == jax.device_count()
+    with pytest.raises(ConfigError, match="--mesh 'data=16': mesh"):
+        sharding.make_mesh("data=16")

@@ -5,7 +5,7 @@ Give the files with --config.task.train=... --config.task.dev=..., e.g. cb/train
 and cb/val.jsonl.
 """
 
-from gptjax.finetune import FinetuneConfig, TaskConfig
+from gptjax.config import FinetuneConfig, TaskConfig
 
 
 def get_config() -> FinetuneConfig:

@@ -5,7 +5,7 @@ Give the files with --config.task.train=... --config.task.dev=..., e.g.
 mnli/multinli_1.0_train.jsonl and mnli/multinli_1.0_dev_matched.jsonl.
 """
 
-from gptjax.finetune import FinetuneConfig, TaskConfig
+from gptjax.config import FinetuneConfig, TaskConfig
 
 
 def get_config() -> FinetuneConfig:

@@ -7,7 +7,7 @@ Give the files with --config.task.train=... --config.task.dev=..., e.g. race/tra
 race/dev.
 """
 
-from gptjax.finetune import FinetuneConfig, TaskConfig
+from gptjax.config import FinetuneConfig, TaskConfig
 
 
 def get_config() -> FinetuneConfig:

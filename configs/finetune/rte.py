@@ -6,7 +6,7 @@ Give the files with --config.task.train=... --config.task.dev=..., e.g. rte/trai
 and rte/val.jsonl.
 """
 
-from gptjax.finetune import FinetuneConfig, TaskConfig
+from gptjax.config import FinetuneConfig, TaskConfig
 
 
 def get_config() -> FinetuneConfig:

@@ -6,7 +6,7 @@ Give the files with --config.task.train=... --config.task.dev=..., e.g.
 snli/snli_1.0_train_head.jsonl and snli/snli_1.0_dev_head.jsonl.
 """
 
-from gptjax.finetune import FinetuneConfig, TaskConfig
+from gptjax.config import FinetuneConfig, TaskConfig
 
 
 def get_config() -> FinetuneConfig:

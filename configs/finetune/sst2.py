@@ -9,7 +9,7 @@ Give the files with --config.task.train=... --config.task.dev=..., e.g.
 sst2/stsa.binary.train and sst2/glue_sst2_dev.tsv.
 """
 
-from gptjax.finetune import FinetuneConfig, TaskConfig
+from gptjax.config import FinetuneConfig, TaskConfig
 
 
 def get_config() -> FinetuneConfig:

@@ -7,7 +7,7 @@ storycloze/cloze_test_val__spring2016.csv and
 storycloze/cloze_test_test__spring2016.csv.
 """
 
-from gptjax.finetune import FinetuneConfig, TaskConfig
+from gptjax.config import FinetuneConfig, TaskConfig
 
 
 def get_config() -> FinetuneConfig:

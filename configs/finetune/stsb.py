@@ -6,7 +6,7 @@ Give the files with --config.task.train=... --config.task.dev=..., e.g. stsb/tra
 and stsb/dev.tsv.
 """
 
-from gptjax.finetune import FinetuneConfig, TaskConfig
+from gptjax.config import FinetuneConfig, TaskConfig
 
 
 def get_config() -> FinetuneConfig:

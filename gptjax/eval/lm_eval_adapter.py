@@ -24,7 +24,7 @@ class GptjaxLM(TemplateLM):
         self,
         checkpoint: str | None = None,
         batch_size: int | str = 32,
-        mesh: str = "-1,1,1",
+        mesh: str = "data=-1",
         max_gen_toks: int = 256,
         model: EvalModel | None = None,
         **_ignored,
@@ -33,15 +33,10 @@ class GptjaxLM(TemplateLM):
         if model is None:
             if not checkpoint:
                 raise ValueError("the gptjax model needs checkpoint=DIR")
-            from gptjax.config import MeshConfig
-            from gptjax.eval import _devices
             from gptjax.sharding import make_mesh
 
-            sizes = [int(x) for x in str(mesh).split(",")]
             bs = int(batch_size) if str(batch_size).isdigit() else 32
-            model = EvalModel.load(
-                checkpoint, mesh=make_mesh(MeshConfig(*sizes), _devices(sizes)), batch_size=bs
-            )
+            model = EvalModel.load(checkpoint, mesh=make_mesh(str(mesh)), batch_size=bs)
         self.model = model
         self.max_gen_toks = int(max_gen_toks)
 
