@@ -29,10 +29,13 @@ class Example:
     gold: Any = None  # mc: option index; generate: reference text (or a list of them)
     target: str = ""  # loglik: the continuation (no delimiter); rolling: the text
     delimiter: str = " "  # lm-eval's target_delimiter, between context and continuation
-    uncond_context: str | None = None  # ARC/OBQA: P(option | "Answer:") for normalisation
+    uncond_context: str | None = None  # ARC/OBQA/RACE: P(option | "Answer:") normalises
     stop: tuple[str, ...] = ("\n\n",)  # generate: stop sequences
     doc_id: str = ""  # "file:line", identifies the example (few-shot never draws itself)
     words: int = 0  # rolling: words of the original text (lm-eval's word_perplexity)
+    group: str = ""  # MultiRC: the question an answer belongs to (em per question, f1a)
+    entities: tuple[str, ...] = ()  # ReCoRD: the entity each option fills in
+    answers: tuple[str, ...] = ()  # ReCoRD: the correct entities (em / f1 of the chosen one)
 
     @property
     def partial(self) -> bool:

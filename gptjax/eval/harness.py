@@ -70,8 +70,13 @@ def _score_mc(model: EvalModel, shots: list[fewshot.Shot]):
         n_chars = [len(ex.choices[0 if ex.partial else i]) for i in range(n)]
         uncond = [scored[i][0] for i in range(a + n, b)] if b - a > n else None
         pred = metrics.mc_predictions(lls, n_chars, n_tokens, uncond)
-        for name, p in pred.items():
-            per_metric.setdefault(name, []).append(float(p == ex.gold))
+        if ex.answers:  # ReCoRD: the chosen entity against every correct one
+            chosen = ex.entities[pred["acc"]]
+            per_metric.setdefault("em", []).append(metrics.exact_match(chosen, ex.answers))
+            per_metric.setdefault("f1", []).append(metrics.f1(chosen, ex.answers))
+        else:
+            for name, p in pred.items():
+                per_metric.setdefault(name, []).append(float(p == ex.gold))
         preds.append(pred["acc"])
         golds.append(int(ex.gold))
         samples.append(
@@ -86,6 +91,10 @@ def _score_mc(model: EvalModel, shots: list[fewshot.Shot]):
             }  # fmt: skip
         )
     out = {name: _stat(v) for name, v in per_metric.items()}
+    if shots[0].example.group:  # MultiRC: SuperGLUE's em per question, f1a over answers
+        groups = [s.example.group for s in shots]
+        out["em"] = _stat(metrics.all_correct_per_group(groups, preds, golds))
+        out["f1a"] = {"value": metrics.binary_f1(preds, golds), "stderr": float("nan")}
     if len({s.example.choices for s in shots}) == 1 and not shots[0].example.partial:
         out["f1_macro"] = {"value": metrics.macro_f1(preds, golds), "stderr": float("nan")}
     return out, samples
@@ -196,9 +205,9 @@ def evaluate_task(
 # ----------------------------------------------------------------------------- outputs
 
 
-def _table_metrics(kind: str, primary: str) -> list[str]:
-    if kind == "mc":
-        return [primary] + (["acc"] if primary != "acc" else [])
+def _table_metrics(kind: str, primary: str, present=()) -> list[str]:
+    if kind == "mc":  # acc, and ReCoRD's / MultiRC's em, f1, f1a where reported
+        return [primary] + [m for m in ("acc", "em", "f1", "f1a") if m in present and m != primary]
     return {
         "loglik": ["acc", "perplexity"],
         "rolling": ["word_perplexity", "byte_perplexity", "bits_per_byte"],
@@ -207,7 +216,7 @@ def _table_metrics(kind: str, primary: str) -> list[str]:
 
 
 def _is_fraction(metric: str) -> bool:
-    return metric.startswith("acc") or metric in ("exact_match", "f1", "f1_macro")
+    return metric.startswith("acc") or metric in ("exact_match", "em", "f1", "f1a", "f1_macro")
 
 
 def _column(k: int) -> str:
@@ -225,7 +234,7 @@ def format_table(results: Sequence[dict], shots: Sequence[int]) -> str:
         if any_r is None:
             rows.append([name, "error", *["-" for _ in shots]])
             continue
-        for m in _table_metrics(any_r["kind"], any_r["primary"]):
+        for m in _table_metrics(any_r["kind"], any_r["primary"], any_r["metrics"]):
             cells = []
             for k in shots:
                 r = by.get((name, k))

@@ -46,7 +46,7 @@ def build(path: Path, rows, make: Callable[[dict], Example]) -> list[Example]:
     return out
 
 
-def _label(doc: dict, names: tuple[str, ...], key: str = "label") -> int:
+def label_index(doc: dict, names: tuple[str, ...], key: str = "label") -> int:
     """A class index from an int, a numeric string or one of the class names."""
     if key not in doc or doc[key] in (None, "", -1):
         raise EvalInputError(f"no {key!r} (an unlabelled test split?)")
@@ -125,7 +125,7 @@ def load_hellaswag(path: Path) -> list[Example]:
         ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize() if "ctx_a" in doc else doc["ctx"]
         query = _hs_preprocess(doc["activity_label"] + ": " + ctx)
         endings = tuple(_hs_preprocess(e) for e in doc["endings"])
-        return Example("mc", query, endings, _label(doc, ("0", "1", "2", "3")))
+        return Example("mc", query, endings, label_index(doc, ("0", "1", "2", "3")))
 
     return build(path, records(path), make)
 
@@ -166,7 +166,7 @@ def load_piqa(path: Path) -> list[Example]:
         if _is_common(doc):
             return _common_mc(doc)
         context = f"Question: {doc['goal']}\nAnswer:"
-        return Example("mc", context, (doc["sol1"], doc["sol2"]), _label(doc, ("0", "1")))
+        return Example("mc", context, (doc["sol1"], doc["sol2"]), label_index(doc, ("0", "1")))
 
     return build(path, labelled, make)
 
@@ -236,7 +236,7 @@ def load_winogrande(path: Path) -> list[Example]:
             )
         else:
             sentence, options = doc["sentence"], [doc["option1"], doc["option2"]]
-            gold = _label(doc, ("1", "2"), key="answer")
+            gold = label_index(doc, ("1", "2"), key="answer")
         if "_" not in sentence:
             raise EvalInputError("sentence has no '_' blank")
         i = sentence.index("_")
@@ -259,7 +259,7 @@ def load_copa(path: Path) -> list[Example]:
         connector = {"cause": "because", "effect": "therefore"}[doc["question"]]
         context = doc["premise"].strip()[:-1] + f" {connector}"
         choices = (lower_first(doc["choice1"]), lower_first(doc["choice2"]))
-        return Example("mc", context, choices, _label(doc, ("0", "1")))
+        return Example("mc", context, choices, label_index(doc, ("0", "1")))
 
     return build(path, records(path), make)
 
@@ -274,9 +274,9 @@ def load_boolq(path: Path) -> list[Example]:
         context = f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:"
         label = doc.get("label", doc.get("answer"))
         gold = (
-            _label({"label": label}, ("False", "True"))
+            label_index({"label": label}, ("False", "True"))
             if not isinstance(label, str)
-            else (_label({"label": label.capitalize()}, ("False", "True")))
+            else (label_index({"label": label.capitalize()}, ("False", "True")))
         )
         return Example("mc", context, ("no", "yes"), gold)
 
@@ -293,7 +293,9 @@ def load_storycloze(path: Path) -> list[Example]:
             return _common_mc(doc)
         context = " ".join(doc[f"InputSentence{i}"] for i in range(1, 5))
         choices = (doc["RandomFifthSentenceQuiz1"], doc["RandomFifthSentenceQuiz2"])
-        return Example("mc", context, choices, _label(doc, ("1", "2"), key="AnswerRightEnding"))
+        return Example(
+            "mc", context, choices, label_index(doc, ("1", "2"), key="AnswerRightEnding")
+        )
 
     return build(path, records(path), make)
 
@@ -321,7 +323,7 @@ def load_sst2(path: Path) -> list[Example]:
         context = (
             f"{doc['sentence'].strip()}\nQuestion: Is this sentence positive or negative?\nAnswer:"
         )
-        return Example("mc", context, ("negative", "positive"), _label(doc, ("0", "1")))
+        return Example("mc", context, ("negative", "positive"), label_index(doc, ("0", "1")))
 
     return build(path, rows, make)
 
@@ -338,7 +340,7 @@ def _entailment_loader(names: tuple[str, ...], question: str, choices: tuple[str
             if premise is None or hypothesis is None:
                 raise EvalInputError("missing field 'premise'/'hypothesis'")
             context = f"{premise}\nQuestion: {hypothesis}{question}\nAnswer:"
-            return Example("mc", context, choices, _label(doc, names))
+            return Example("mc", context, choices, label_index(doc, names))
 
         return build(path, records(path), make)
 

@@ -7,7 +7,9 @@ Multiple choice (per example, from the options' loglikelihoods):
   acc_norm        argmax of loglikelihood / characters of the option (lm-eval's acc_norm)
   acc_norm_token  argmax of loglikelihood / tokens of the option (GPT-3's per-token norm)
   acc_uncond      argmax of log P(option | context) - log P(option | "Answer:") (GPT-3's
-                  normalisation for ARC and OpenBookQA; only where the task sets it)
+                  normalisation for ARC, OpenBookQA and RACE; where the task sets it)
+  em, f1          ReCoRD: the acc-chosen entity against the answers (exact_match, f1)
+  em, f1a         MultiRC: every answer of a question right; F1 over all answers
 Standard errors of means are the sample standard deviation / sqrt(n), as lm-eval's
 mean_stderr; a perplexity's is the delta method, ppl * stderr(mean NLL) (lm-eval uses
 a bootstrap).
@@ -111,6 +113,17 @@ def _ranks(x: np.ndarray) -> np.ndarray:
         tied = x == value
         ranks[tied] = ranks[tied].mean()
     return ranks
+
+
+def all_correct_per_group(
+    groups: Sequence[str], preds: Sequence[int], golds: Sequence[int]
+) -> list[float]:
+    """1.0 for each group (MultiRC: a question) whose every item is right (SuperGLUE's
+    MultiRC em, lm-eval 0.3's acc_all), in order of first appearance."""
+    right: dict[str, bool] = {}
+    for g, p, t in zip(groups, preds, golds, strict=True):
+        right[g] = right.get(g, True) and p == t
+    return [float(v) for v in right.values()]
 
 
 # ----------------------------------------------------------------------------- likelihoods

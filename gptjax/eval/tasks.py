@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from gptjax.eval import benchmarks_mc
 from gptjax.eval.definitions import TaskDefinition
 from gptjax.eval.example import KINDS, EvalInputError, Example
 from gptjax.eval.loaders import (
@@ -106,6 +107,21 @@ TASKS: dict[str, TaskInfo] = {
                  "SuperGLUE CB jsonl"),
         TaskInfo("wikitext", load_wikitext, "word_perplexity", (), None,
                  "wiki.{valid,test}.tokens (or raw); rolling perplexity"),
+        # The GPT-3 paper's other multiple-choice benchmarks (gptjax/eval/benchmarks_mc.py).
+        *(TaskInfo(name, benchmarks_mc.load_race, "acc_uncond", ("train.jsonl",), None,
+                   f"RACE-{level[0]}: the original per-article JSON (a file, or a directory such "
+                   f"as RACE/test/{level}), or ehovy/race or EleutherAI/race rows as JSONL")
+          for name, level in (("race", "high"), ("race_middle", "middle"))),
+        *(TaskInfo(f"anli_r{r}", benchmarks_mc.load_anli, "acc", ("train.jsonl", f"train_r{r}*.jsonl"),
+                   None, f"ANLI round {r} jsonl: anli_v1.0/R{r}/*.jsonl or facebook/anli rows")
+          for r in (1, 2, 3)),
+        TaskInfo("wic", benchmarks_mc.load_wic, "acc", ("train.jsonl",), None, "SuperGLUE WiC jsonl"),
+        TaskInfo("wsc", benchmarks_mc.load_wsc, "acc", ("train.jsonl",), None,
+                 "SuperGLUE WSC jsonl (spans fixed as Hugging Face's wsc.fixed)"),
+        TaskInfo("multirc", benchmarks_mc.load_multirc, "acc", ("train.jsonl",), None,
+                 "SuperGLUE MultiRC jsonl (one example per answer)"),
+        TaskInfo("record", benchmarks_mc.load_record, "f1", ("train.jsonl",), None,
+                 "SuperGLUE ReCoRD jsonl (one example per query, an option per entity)"),
         TaskInfo("mc", load_generic_mc, "acc", (), None, 'JSONL {"query"/"context", "choices", "gold"}'),
         TaskInfo("lm", load_generic_lm, "bits_per_byte", (), None, 'JSONL {"text"} or a text file'),
     )
