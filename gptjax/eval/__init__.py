@@ -4,6 +4,7 @@
   loaders.py          each task file format -> Examples
   definitions.py      user tasks defined as data (JSON/YAML templates over a file's fields)
   tasks.py            the table of built-in tasks; resolve_task (--task NAME=PATH -> Task)
+  benchmarks_mc.py    RACE, ANLI, SuperGLUE WiC / WSC / MultiRC / ReCoRD from their releases
   fewshot.py          seeded K-shot contexts, fitted to n_ctx
   scoring.py          jitted, bucketed, sharded loglikelihood / rolling / greedy scoring
   metrics.py          acc, acc_norm, stderr, perplexities, bits per byte, EM / F1
