@@ -394,6 +394,8 @@ def test_metrics_from_the_scored_loglikelihoods(fixtures, em):
         chosen = ex.entities[int(np.argmax(s["loglikelihoods"]))]
         ems.append(max(float(chosen == a) for a in ex.answers))  # no normalisation needed here
         f1s.append(metrics.f1(chosen, ex.answers))
+        assert s["correct"] == {"entity": chosen, "answers": list(ex.answers), "em": ems[-1],
+                                "f1": f1s[-1]}  # fmt: skip
     assert result["metrics"]["em"]["value"] == pytest.approx(np.mean(ems))
     assert result["metrics"]["f1"]["value"] == pytest.approx(np.mean(f1s))
 

@@ -70,13 +70,16 @@ def _score_mc(model: EvalModel, shots: list[fewshot.Shot]):
         n_chars = [len(ex.choices[0 if ex.partial else i]) for i in range(n)]
         uncond = [scored[i][0] for i in range(a + n, b)] if b - a > n else None
         pred = metrics.mc_predictions(lls, n_chars, n_tokens, uncond)
+        correct = {k: v == ex.gold for k, v in pred.items()}
         if ex.answers:  # ReCoRD: the chosen entity against every correct one
             chosen = ex.entities[pred["acc"]]
-            per_metric.setdefault("em", []).append(metrics.exact_match(chosen, ex.answers))
-            per_metric.setdefault("f1", []).append(metrics.f1(chosen, ex.answers))
+            scores = {"em": metrics.exact_match(chosen, ex.answers),
+                      "f1": metrics.f1(chosen, ex.answers)}  # fmt: skip
+            correct = {"entity": chosen, "answers": list(ex.answers), **scores}
         else:
-            for name, p in pred.items():
-                per_metric.setdefault(name, []).append(float(p == ex.gold))
+            scores = {k: float(v) for k, v in correct.items()}
+        for name, value in scores.items():
+            per_metric.setdefault(name, []).append(value)
         preds.append(pred["acc"])
         golds.append(int(ex.gold))
         samples.append(
@@ -86,7 +89,7 @@ def _score_mc(model: EvalModel, shots: list[fewshot.Shot]):
                 "uncond_loglikelihoods": uncond,
                 "pred": pred,
                 "gold": ex.gold,
-                "correct": {k: v == ex.gold for k, v in pred.items()},
+                "correct": correct,
                 "choices": list(ex.choices),
             }  # fmt: skip
         )
@@ -95,7 +98,8 @@ def _score_mc(model: EvalModel, shots: list[fewshot.Shot]):
         groups = [s.example.group for s in shots]
         out["em"] = _stat(metrics.all_correct_per_group(groups, preds, golds))
         out["f1a"] = {"value": metrics.binary_f1(preds, golds), "stderr": float("nan")}
-    if len({s.example.choices for s in shots}) == 1 and not shots[0].example.partial:
+    one_label_set = len({s.example.choices for s in shots}) == 1 and not shots[0].example.answers
+    if one_label_set and not shots[0].example.partial:
         out["f1_macro"] = {"value": metrics.macro_f1(preds, golds), "stderr": float("nan")}
     return out, samples
 
