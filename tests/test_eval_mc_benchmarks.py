@@ -195,12 +195,13 @@ def _fixtures(root: Path) -> dict:
     for i, doc in enumerate(RACE):
         (root / "RACE" / "test" / "high").mkdir(parents=True, exist_ok=True)
         (root / "RACE" / "test" / "high" / f"{i + 1}.txt").write_text(json.dumps(doc))
-    _jsonl(root / "race_train" / "train.jsonl", [RACE_TRAIN])
+    (root / "RACE" / "train" / "high").mkdir(parents=True)
+    (root / "RACE" / "train" / "high" / "9.txt").write_text(json.dumps(RACE_TRAIN))
     wsc_fixed = ["The trophy", None]
     return {
         "race": ("race/race.yaml", "test", root / "RACE" / "test" / "high",
                  [_race_eleuther(d) for d in RACE], [_race_eleuther(RACE_TRAIN)],
-                 root / "race_train" / "train.jsonl"),
+                 root / "RACE" / "train" / "high"),
         "anli_r1": ("anli/anli_r1.yaml", "test_r1",
                     _jsonl(root / "anli" / "R1" / "test.jsonl", ANLI),
                     [_anli_hf(d) for d in ANLI], [_anli_hf(ANLI_TRAIN)],
@@ -425,10 +426,8 @@ def test_metric_functions():
 def test_cli_table_zero_and_few_shot(ckpt, fixtures, tmp_path, capsys):
     argv = ["--checkpoint", str(ckpt), "--shots", "0,1", "--mesh", "1,1,1", "--batch-size", "8",
             "--output", str(tmp_path / "r.json")]  # fmt: skip
-    for name, (_, _, path, _, _, train) in fixtures.items():
-        argv += ["--task", f"{name}={path}"]
-        if name == "race":  # a directory of articles has no training file beside it
-            argv += ["--fewshot-from", f"race={train}"]
+    for name, (_, _, path, *_) in fixtures.items():
+        argv += ["--task", f"{name}={path}"]  # the training split beside it is the pool
     assert cli_main(argv) == 0
     table = capsys.readouterr().out
     rows = {tuple(line.split()[:2]) for line in table.splitlines() if line.strip()}
@@ -439,7 +438,8 @@ def test_cli_table_zero_and_few_shot(ckpt, fixtures, tmp_path, capsys):
     report = json.loads((tmp_path / "r.json").read_text())
     one_shot = {r["task"]: r for r in report["results"] if r["k"] == 1}
     assert all(r["k_used"] == 1 and r["fewshot_warning"] is None for r in one_shot.values())
-    assert one_shot["wic"]["fewshot_source"].endswith("train.jsonl")
+    assert one_shot["wic"]["fewshot_source"].endswith("WiC/train.jsonl")
+    assert one_shot["race"]["fewshot_source"].endswith("RACE/test/../train/high")
 
 
 @pytest.mark.parametrize(

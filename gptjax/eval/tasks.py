@@ -108,7 +108,7 @@ TASKS: dict[str, TaskInfo] = {
         TaskInfo("wikitext", load_wikitext, "word_perplexity", (), None,
                  "wiki.{valid,test}.tokens (or raw); rolling perplexity"),
         # The GPT-3 paper's other multiple-choice benchmarks (gptjax/eval/benchmarks_mc.py).
-        *(TaskInfo(name, benchmarks_mc.load_race, "acc_uncond", ("train.jsonl",), None,
+        *(TaskInfo(name, benchmarks_mc.load_race, "acc_uncond", ("train.jsonl", f"../train/{level}"), None,
                    f"RACE-{level[0]}: the original per-article JSON (a file, or a directory such "
                    f"as RACE/test/{level}), or ehovy/race or EleutherAI/race rows as JSONL")
           for name, level in (("race", "high"), ("race_middle", "middle"))),
@@ -200,14 +200,16 @@ def _load_tfds(info: TaskInfo, split: str, data_dir: str | None, tmp_dir: Path) 
 
 
 def _sibling(path: Path, patterns: tuple[str, ...]) -> Path | None:
-    """The first file beside `path` matching one of the few-shot split's patterns. A
-    pattern the evaluated file matches itself names its own split (e.g. evaluating on
+    """The first file beside `path` matching one of the few-shot split's patterns (a
+    directory where `path` is one: RACE/test/high -> ../train/high). A pattern the
+    evaluated file matches itself names its own split (e.g. evaluating on
     cloze_test_val*), so it does not point at another split and is skipped."""
     for pattern in patterns:
         if fnmatch.fnmatch(path.name, pattern):
             continue
         for candidate in sorted(path.parent.glob(pattern)):
-            if candidate.resolve() != path.resolve() and candidate.is_file():
+            same_kind = candidate.is_dir() if path.is_dir() else candidate.is_file()
+            if candidate.resolve() != path.resolve() and same_kind:
                 return candidate
     return None
 
