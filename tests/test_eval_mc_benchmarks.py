@@ -19,9 +19,9 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax import checkpoint, config, model
+from gptjax import checkpoint, cli, config, model
 from gptjax.config import Config, ModelConfig, TokenizerConfig
-from gptjax.eval import cli_main, fewshot, harness, metrics, tasks
+from gptjax.eval import fewshot, harness, metrics, tasks
 from gptjax.eval.example import EvalInputError
 from gptjax.eval.scoring import EvalModel
 from gptjax.tokenizer import load_tokenizer
@@ -424,11 +424,11 @@ def test_metric_functions():
 
 
 def test_cli_table_zero_and_few_shot(ckpt, fixtures, tmp_path, capsys):
-    argv = ["--checkpoint", str(ckpt), "--shots", "0,1", "--mesh", "1,1,1", "--batch-size", "8",
+    argv = ["--checkpoint", str(ckpt), "--shots", "0,1", "--mesh", "data=1,fsdp=1,tensor=1", "--batch-size", "8",
             "--output", str(tmp_path / "r.json")]  # fmt: skip
     for name, (_, _, path, *_) in fixtures.items():
         argv += ["--task", f"{name}={path}"]  # the training split beside it is the pool
-    assert cli_main(argv) == 0
+    assert cli.main(["eval", *argv]) == 0
     table = capsys.readouterr().out
     rows = {tuple(line.split()[:2]) for line in table.splitlines() if line.strip()}
     for row in [("race", "acc_uncond"), ("race", "acc"), ("anli_r1", "acc"), ("wic", "acc"),
