@@ -89,6 +89,29 @@ def _tokenizer_train(args, _overrides) -> int:
     return 0
 
 
+def _data_prepare(args, overrides) -> int:
+    from gptjax import config as config_lib
+    from gptjax.data import DataError
+    from gptjax.data.beam import BeamMissing
+    from gptjax.data.prepare import prepare
+
+    try:
+        cfg = config_lib.load(args.config, overrides)
+        if args.workers is not None and args.workers < 1:
+            raise DataError(f"--workers must be >= 1, got {args.workers}")
+        manifest = prepare(
+            cfg, args.output, args.workers, args.runner, args.beam_options, args.shard_mb
+        )
+    except (config_lib.ConfigError, DataError, BeamMissing) as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.output}: {manifest['documents']} documents, {manifest['tokens']} tokens in "
+        f"{len(manifest['shards'])} shards, stream sha256 {manifest['stream_sha256']}"
+    )
+    return 0
+
+
 def _generate(args, _overrides) -> int:
     from gptjax.checkpoint import CheckpointError
     from gptjax.generate import Sampling, from_checkpoint
@@ -439,6 +462,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, default=4096)
     t.add_argument("--output", required=True, help="path of the .model file to write")
     t.set_defaults(func=_tokenizer_train, takes_overrides=False)
+
+    p = sub.add_parser("data", help="pretraining data tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("prepare", help="tokenise data.sources into ArrayRecord shards "
+                        "(train on them with --config.data.sources=prepared:DIR)")  # fmt: skip
+    d.add_argument("--config", required=True, help="configs/X.py (data.sources, tokenizer)")
+    d.add_argument("--output", required=True, help="directory to create (resumed if partial)")
+    d.add_argument("--workers", type=int, help="tokenising processes (default: all cores)")
+    d.add_argument("--runner", choices=("local", "beam"), default="local",
+                   help="local processes, or an Apache Beam pipeline (the beam extra)")  # fmt: skip
+    d.add_argument("--beam-options", default="", help='Beam pipeline options, e.g. '
+                   '"--runner=DataflowRunner --project=P ..." (default: DirectRunner)')  # fmt: skip
+    d.add_argument("--shard-mb", type=float, default=64.0, help="input MiB per shard")
+    d.epilog = "Any config field can be overridden: --config.data.sources=a.txt,b.jsonl"
+    d.set_defaults(func=_data_prepare, takes_overrides=True)
 
     p = sub.add_parser("sweep", help="scaling-law sweep: generate, run or print, collect")
     p.add_argument("--config", required=True, help="base config file, e.g. configs/scaling_tiny.py")

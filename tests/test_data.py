@@ -172,7 +172,7 @@ def test_undecodable_bytes_are_counted_and_reported(tmp_path, caplog):
     assert any(str(jsonl) in w and "1 undecodable" in w for w in warnings), warnings
     stats = {}
     list(iter_documents(DataConfig(sources=(str(path), str(jsonl))), stats))
-    assert stats == {"replaced": 4}
+    assert stats == {"replaced": 4, "replaced_files": {str(path): 3, str(jsonl): 1}}
 
 
 def test_the_token_cache_records_the_replaced_bytes(tmp_path, tok, caplog):

@@ -16,6 +16,7 @@ and logged per file.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _GLOB_CHARS = "*?["
 _TFDS_READ_BATCH = 256
+_TFDS_RECORD_BYTES = 4096  # assumed record size when cutting a TFDS split into pieces
 
 
 class DataError(ValueError):
@@ -47,6 +49,9 @@ def _warn_replaced(where: str, n: int, stats: dict | None) -> None:
         log.warning("%s: %d undecodable utf-8 byte sequence(s) replaced by U+FFFD", where, n)
     if stats is not None:
         stats["replaced"] = stats.get("replaced", 0) + n
+        if n:
+            files = stats.setdefault("replaced_files", {})
+            files[where] = files.get(where, 0) + n
 
 
 def _pydoc_documents() -> list[str]:
@@ -113,34 +118,46 @@ def _check_builtin(spec: str) -> None:
         raise DataError(f"source {spec!r}: unknown builtin (the one builtin is builtin:pydoc)")
 
 
-def _jsonl_documents(path: Path, field: str, stats: dict | None) -> Iterator[str]:
-    replaced = 0
+def _jsonl_line_number(path: Path, offset: int, index: int) -> int:
+    """The 1-based line number of the index-th line after byte offset (errors only)."""
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            line, n = _decode(raw)
-            replaced += n
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}:{lineno}: malformed JSON line ({e.msg}, column {e.colno})"
-                ) from None
-            text = obj.get(field) if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise DataError(f"{path}:{lineno}: no string field {field!r} (found {keys})")
-            yield text
+        return f.read(offset).count(b"\n") + index + 1
+
+
+def _jsonl_documents(piece: Piece, field: str, stats: dict | None) -> Iterator[str]:
+    path, replaced = Path(piece.path), 0
+    with open(path, "rb") as f:
+        f.seek(piece.start)
+        data = f.read(piece.stop - piece.start) if piece.stop >= 0 else f.read()
+    for index, raw in enumerate(data.split(b"\n")):
+        if not raw.strip():
+            continue
+        line, n = _decode(raw)
+        replaced += n
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            lineno = _jsonl_line_number(path, piece.start, index)
+            raise DataError(
+                f"{path}:{lineno}: malformed JSON line ({e.msg}, column {e.colno})"
+            ) from None
+        text = obj.get(field) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            lineno = _jsonl_line_number(path, piece.start, index)
+            raise DataError(f"{path}:{lineno}: no string field {field!r} (found {keys})")
+        yield text
     _warn_replaced(str(path), replaced, stats)
 
 
-def _tfds_documents(spec: str, cfg: DataConfig, stats: dict | None) -> Iterator[str]:
+def _tfds_documents(piece: Piece, cfg: DataConfig, stats: dict | None) -> Iterator[str]:
+    spec = piece.spec
     ds = _open_tfds(spec, cfg)
+    stop = len(ds) if piece.stop < 0 else min(piece.stop, len(ds))
     replaced = 0
-    for start in range(0, len(ds), _TFDS_READ_BATCH):
+    for start in range(piece.start, stop, _TFDS_READ_BATCH):
         for i, ex in enumerate(
-            ds.__getitems__(list(range(start, min(len(ds), start + _TFDS_READ_BATCH))))
+            ds.__getitems__(list(range(start, min(stop, start + _TFDS_READ_BATCH))))
         ):
             value = ex.get(cfg.text_field) if isinstance(ex, dict) else None
             if isinstance(value, bytes):
@@ -156,25 +173,85 @@ def _tfds_documents(spec: str, cfg: DataConfig, stats: dict | None) -> Iterator[
     _warn_replaced(f"source {spec!r}", replaced, stats)
 
 
-def iter_documents(cfg: DataConfig, stats: dict | None = None) -> Iterator[str]:
-    """Every document of every source, in config order (files sorted within a glob).
-    stats, when given, receives the total of replaced undecodable sequences ("replaced")."""
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A contiguous run of one source's documents: a whole text file; a byte range of a
+    .jsonl file starting at a line start; a range of builtin or TFDS records. stop -1:
+    to the end. size: its input bytes (characters for builtin), for grouping pieces."""
+
+    spec: str
+    kind: str  # "builtin" | "text" | "jsonl" | "tfds"
+    path: str = ""
+    start: int = 0
+    stop: int = -1
+    size: int = 0
+
+
+def _jsonl_pieces(spec: str, path: Path, max_bytes: int | None) -> Iterator[Piece]:
+    size = path.stat().st_size
+    if not max_bytes or size <= max_bytes:
+        yield Piece(spec, "jsonl", str(path), 0, -1, size)
+        return
+    start = 0
+    with open(path, "rb") as f:
+        while start < size:
+            f.seek(min(size, start + max_bytes))
+            f.readline()  # to the next line start
+            stop = min(size, f.tell())
+            yield Piece(spec, "jsonl", str(path), start, stop, stop - start)
+            start = stop
+
+
+def source_pieces(cfg: DataConfig, max_bytes: int | None = None) -> list[Piece]:
+    """Every source as pieces in config order (files sorted within a glob); with
+    max_bytes, large .jsonl files and TFDS splits are cut into pieces of about that size."""
     if not cfg.sources:
         raise DataError("data.sources is empty")
+    out = []
     for spec in cfg.sources:
         if spec.startswith("builtin:"):
             _check_builtin(spec)
-            yield from _pydoc_documents()
+            docs = _pydoc_documents()
+            out.append(Piece(spec, "builtin", "", 0, -1, sum(len(d) for d in docs)))
         elif spec.startswith("tfds:"):
-            yield from _tfds_documents(spec, cfg, stats)
+            if not max_bytes:
+                out.append(Piece(spec, "tfds"))
+                continue
+            n = len(_open_tfds(spec, cfg))
+            step = max(1, max_bytes // _TFDS_RECORD_BYTES)
+            out += [Piece(spec, "tfds", "", a, min(n, a + step), 0) for a in range(0, n, step)]
         else:
             for path in _source_files(spec):
                 if path.suffix == ".jsonl":
-                    yield from _jsonl_documents(path, cfg.text_field, stats)
+                    out += _jsonl_pieces(spec, path, max_bytes)
                 else:
-                    text, n = _decode(path.read_bytes())
-                    _warn_replaced(str(path), n, stats)
-                    yield text
+                    out.append(Piece(spec, "text", str(path), 0, -1, path.stat().st_size))
+    return out
+
+
+def piece_documents(piece: Piece, cfg: DataConfig, stats: dict | None = None) -> Iterator[str]:
+    """The documents of one piece, in order (see iter_documents for stats)."""
+    if piece.kind == "builtin":
+        docs = _pydoc_documents()
+        yield from docs[piece.start : None if piece.stop < 0 else piece.stop]
+    elif piece.kind == "tfds":
+        yield from _tfds_documents(piece, cfg, stats)
+    elif piece.kind == "jsonl":
+        yield from _jsonl_documents(piece, cfg.text_field, stats)
+    else:
+        text, n = _decode(Path(piece.path).read_bytes())
+        _warn_replaced(piece.path, n, stats)
+        if not text and stats is not None:
+            stats.setdefault("empty_files", []).append(piece.path)
+        yield text
+
+
+def iter_documents(cfg: DataConfig, stats: dict | None = None) -> Iterator[str]:
+    """Every document of every source, in config order (files sorted within a glob).
+    stats, when given, receives the total of replaced undecodable sequences ("replaced"),
+    the count per file ("replaced_files") and the empty text files ("empty_files")."""
+    for piece in source_pieces(cfg):
+        yield from piece_documents(piece, cfg, stats)
 
 
 def _file_stats(paths) -> list:
