@@ -83,12 +83,17 @@ class TokenizerConfig:
 class DataConfig:
     # Each source is one of: `builtin:pydoc` (text shipped with CPython), a
     # text file path or glob, a `.jsonl` path or glob (field `text_field`),
-    # `tfds:NAME[:SPLIT]` read through tfds.data_source.
+    # `tfds:NAME[:SPLIT]` read through tfds.data_source; or alone `prepared:DIR`, the
+    # output of `gptjax data prepare` (ArrayRecord shards, read through grain).
     sources: tuple[str, ...] = ("builtin:pydoc",)
     text_field: str = "text"
     val_fraction: float = 0.05  # tail of the token stream held out
     cache_dir: str = ""  # empty: WORKDIR/token_cache
     tfds_data_dir: str = ""  # empty: TFDS's default
+    # Training batches are read by this many grain worker processes, each `prefetch`
+    # batches ahead; 0 reads them in the training process.
+    workers: int = 0
+    prefetch: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +386,8 @@ def validate(cfg: Config) -> Config:
             )
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError("data.val_fraction must be in [0, 1)")
+    if cfg.data.workers < 0 or cfg.data.prefetch < 1:
+        raise ConfigError("data.workers must be >= 0 and data.prefetch >= 1")
     for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive")

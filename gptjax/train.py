@@ -234,7 +234,9 @@ def train(cfg: Config, workdir: str | Path) -> dict:
         graphdef, abstract, state_sh = state_shardings(cfg, mesh, tx)
         batch_sh = sharding.batch_sharding(mesh, 3, batch_dim=1)  # [K, B, L+1]
         eval_sh = sharding.batch_sharding(mesh, 2)
-        train_iter = data.train_iterator(train_src, micro_global, t.seed)
+        train_iter = data.train_iterator(
+            train_src, micro_global, t.seed, cfg.data.workers, cfg.data.prefetch
+        )
 
         if resuming:
             start_step, state, _, _ = ckpt.restore(
