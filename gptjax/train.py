@@ -203,9 +203,11 @@ def train(cfg: Config, workdir: str | Path) -> dict:
     # The tokenizer of a resumed run is the one its checkpoint recorded.
     # Process 0 trains the tokenizer and builds the token cache before the others read
     # them (on a shared filesystem; with local disks each process builds its own copy).
+    # Orbax's restore is a collective: every process reads the record together, not
+    # process 0 inside primary_first while the others wait at its barrier.
+    record = ckpt.read_latest_json()[2] if resuming else None
     with primary_first("gptjax_tokenizer_and_cache"):
         if resuming:
-            _, _, record = ckpt.read_latest_json()
             tokenizer = tokenizer_from_record(record)
         elif (
             cfg.train.init_from
