@@ -5,18 +5,12 @@ Each element is one work unit; its DoFn calls gptjax.data.prepare.tokenize_unit,
 writes shard k and its info file, exactly as a local worker does, so the output is the
 same bytes. The output directory must be on a filesystem every Beam worker writes to
 (a shared mount on a cluster). Apache Beam is an optional extra (`pip install
-'gptjax[beam]'`) imported only here, and this module only by that runner.
+'gptjax[beam]'`) imported only by run_beam.
 """
 
 from __future__ import annotations
 
 import shlex
-
-try:
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
-except ImportError:  # one clear line from the CLI instead of a traceback
-    beam = None
 
 
 class BeamMissing(RuntimeError):
@@ -39,11 +33,14 @@ def beam_args(workers: int, beam_options: str) -> list[str]:
 
 def run_beam(job, todo, workers: int, beam_options: str) -> None:
     """Run tokenize_unit over the (index, pieces) units of `todo` as a Beam pipeline."""
-    if beam is None:
+    try:
+        import apache_beam as beam
+        from apache_beam.options.pipeline_options import PipelineOptions
+    except ImportError:  # one clear line from the CLI instead of a traceback
         raise BeamMissing(
             "--runner beam needs Apache Beam, which is not installed: "
             "pip install 'gptjax[beam]' (or use --runner local)"
-        )
+        ) from None
 
     class TokenizeUnit(beam.DoFn):
         def setup(self):
