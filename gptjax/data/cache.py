@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gptjax.config import DataConfig
+from gptjax.data.shards import token_dtype
 from gptjax.data.sources import DataError, fingerprint_sources, iter_documents
 from gptjax.tokenizer import Tokenizer
 
@@ -47,10 +48,6 @@ class TokenCache:
     @property
     def total_tokens(self) -> int:
         return sum(len(s) for s in self.shards)
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
 
 
 def cache_key(cfg: DataConfig, tokenizer: Tokenizer, shard_tokens: int) -> str:
