@@ -249,3 +249,15 @@ def test_resume_across_process_counts_on_prepared_data(tmp_path, sp_model, corpu
     local(1, 8, run, [*flags, "--config.train.steps=8"])  # 2 -> 1 process
     local(2, 4, run, flags)  # 1 -> 2 processes
     assert curves(run) == want
+
+
+def test_cli_data_prepare_prints_the_digest(prepared, mixed_corpus, gpt2, tmp_path, capsys):
+    argv = ["data", "prepare", "--config", str(REPO / "configs/quickstart.py"), "--output",
+            str(tmp_path / "cli"), "--workers", "1", "--shard-mb", "0.1",
+            f"--config.data.sources={','.join(mixed_corpus)}",
+            f"--config.tokenizer.kind={gpt2.kind}", f"--config.tokenizer.path={gpt2.path}"]  # fmt: skip
+    assert cli.main(argv) == 0
+    digest = json.loads((prepared / "manifest.json").read_text())["stream_sha256"]
+    assert f"stream sha256 {digest}" in capsys.readouterr().out
+    assert cli.main([*argv[:-2], "--workers", "0"]) == 2
+    assert "--workers must be >= 1" in capsys.readouterr().err
