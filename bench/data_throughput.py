@@ -8,7 +8,8 @@ one tokenizer: GPT-2 BPE (tiktoken) from ../shared/data/gpt2_bpe.
 Preparation, tokens/s: gptjax with 1 and 2 worker processes (reading the files,
 tokenising, writing ArrayRecord shards) against `datasets.Dataset.map(batched=True,
 num_proc=N)` calling the same encode function on the same documents, already in an
-in-memory Dataset (its load time is not counted, its Arrow write is).
+in-memory Dataset (its load time is not counted, its Arrow write is). Each row shows the
+1-minute load average before it: on a shared machine compare interleaved runs.
 
 Loader, tokens/s per process: shuffled batches of GPT-3 XL windows (seq_len 2048) read
 from the prepared shards by train_iterator, in process (data.workers=0) and with 2
@@ -67,10 +68,9 @@ def make_corpus(folder: Path, mb: float) -> list[Path]:
     return out
 
 
-def bench_gptjax(cfg, out_root: Path, workers: int, shard_mb: float) -> tuple[float, int, str]:
+def bench_gptjax(cfg, out: Path, workers: int, shard_mb: float) -> tuple[float, int, str]:
     from gptjax.data.prepare import prepare
 
-    out = out_root / f"gptjax_w{workers}"
     t0 = time.perf_counter()
     manifest = prepare(cfg, out, workers=workers, shard_mb=shard_mb)
     return time.perf_counter() - t0, manifest["tokens"], manifest["stream_sha256"]
@@ -149,20 +149,22 @@ def main(argv=None) -> None:
             Config(), data=DataConfig(sources=(str(root / "corpus" / "*.txt"),)), tokenizer=tcfg
         )
         rows, digests = [], set()
-        for w in workers:
-            seconds, tokens, digest = bench_gptjax(cfg, root, w, args.shard_mb)
+        for i, w in enumerate(workers):
+            load = os.getloadavg()[0]
+            seconds, tokens, digest = bench_gptjax(cfg, root / f"out{i}", w, args.shard_mb)
             digests.add(digest)
-            rows.append(("gptjax data prepare", w, tokens, seconds))
+            rows.append(("gptjax data prepare", w, tokens, seconds, load))
             if not args.skip_hf:
+                load = os.getloadavg()[0]
                 hf_s, hf_tokens = bench_hf(files, tok.encode, tok.eos_id, w, root)
                 assert hf_tokens == tokens, (hf_tokens, tokens)  # the same work
-                rows.append(("datasets .map", w, hf_tokens, hf_s))
+                rows.append(("datasets .map", w, hf_tokens, hf_s, load))
         print(f"\npreparation ({len(digests)} distinct stream digest(s) over worker counts)")
-        print(f"{'':22s}{'workers':>8s}{'tokens':>13s}{'seconds':>9s}{'tokens/s':>12s}")
+        print(f"{'':22s}{'workers':>8s}{'tokens':>13s}{'seconds':>9s}{'tokens/s':>12s}  load")
         rate = {}
-        for name, w, tokens, s in rows:
+        for name, w, tokens, s, load in rows:
             rate[name, w] = tokens / s
-            print(f"{name:22s}{w:8d}{tokens:13,d}{s:9.1f}{tokens / s:12,.0f}")
+            print(f"{name:22s}{w:8d}{tokens:13,d}{s:9.1f}{tokens / s:12,.0f}  {load:.1f}")
         for w in workers:
             if ("datasets .map", w) in rate:
                 ratio = rate["gptjax data prepare", w] / rate["datasets .map", w]
@@ -176,10 +178,11 @@ def main(argv=None) -> None:
         print(f"\nloader (seq_len 2048, {args.rows} rows per batch, one process)")
         print(f"v5p host, GPT-3 XL at {args.mfu:.0%} MFU: {CHIPS_PER_HOST} x {V5P_PEAK:.3g} x "
               f"{args.mfu} / {flops:.4g} FLOPs/token = {need:,.0f} tokens/s")  # fmt: skip
-        prepared = root / f"gptjax_w{workers[0]}"
         for w in (0, 2):
-            got = bench_loader(prepared, 2048, args.rows, args.batches, w)
-            print(f"data.workers={w}: {got:,.0f} tokens/s = {got / need:.1f}x a v5p host")
+            load = os.getloadavg()[0]
+            got = bench_loader(root / "out0", 2048, args.rows, args.batches, w)
+            print(f"data.workers={w}: {got:,.0f} tokens/s = {got / need:.1f}x a v5p host "
+                  f"(load {load:.1f})")  # fmt: skip
 
 
 if __name__ == "__main__":
