@@ -261,3 +261,33 @@ def test_cli_data_prepare_prints_the_digest(prepared, mixed_corpus, gpt2, tmp_pa
     assert f"stream sha256 {digest}" in capsys.readouterr().out
     assert cli.main([*argv[:-2], "--workers", "0"]) == 2
     assert "--workers must be >= 1" in capsys.readouterr().err
+
+
+def test_a_tfds_split_is_cut_into_record_ranges(tmp_path, gpt2):
+    import tensorflow_datasets as tfds
+
+    texts = [f"record {i}: caf\u00e9 " + "word " * i for i in range(5)]
+
+    class GptjaxPrepareCorpus(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, t in enumerate(texts):
+                yield i, {"text": t}
+
+    GptjaxPrepareCorpus(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    cfg = make_cfg(["tfds:gptjax_prepare_corpus"], gpt2)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tfds_data_dir=str(tmp_path)))
+    # 8 KiB units at an assumed 4 KiB per record: 2 records per unit, 3 units.
+    manifest = prepare_mod.prepare(cfg, tmp_path / "p", workers=1, shard_mb=8 / 1024)
+    assert len(manifest["shards"]) == 3 and manifest["documents"] == 5
+    tok = load_tokenizer(gpt2)
+    want = [t for d in iter_documents(cfg.data) for t in tok.encode(d) + [tok.eos_id]]
+    np.testing.assert_array_equal(stream(tmp_path / "p"), want)

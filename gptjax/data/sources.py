@@ -219,7 +219,9 @@ def source_pieces(cfg: DataConfig, max_bytes: int | None = None) -> list[Piece]:
                 continue
             n = len(_open_tfds(spec, cfg))
             step = max(1, max_bytes // _TFDS_RECORD_BYTES)
-            out += [Piece(spec, "tfds", "", a, min(n, a + step), 0) for a in range(0, n, step)]
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                out.append(Piece(spec, "tfds", "", a, b, (b - a) * _TFDS_RECORD_BYTES))
         else:
             for path in _source_files(spec):
                 if path.suffix == ".jsonl":
