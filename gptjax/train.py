@@ -189,7 +189,8 @@ def _global_batch(local_KxBxL1: np.ndarray, batch_sh) -> jax.Array:
 def train(cfg: Config, workdir: str | Path) -> dict:
     """Pretrain (or resume) in workdir. Returns a summary dict."""
     workdir = Path(workdir)
-    if cfg.tokenizer.kind == "gpt2" and not cfg.tokenizer.path:
+    # A prepared directory brings its own tokenizer.
+    if cfg.tokenizer.kind == "gpt2" and not cfg.tokenizer.path and not data.prepared_dir(cfg.data):
         raise config_lib.ConfigError(
             "tokenizer.kind=gpt2 needs tokenizer.path: a directory holding encoder.json and "
             "vocab.bpe (--config.tokenizer.path=DIR)"

@@ -20,6 +20,7 @@ _LAZY = {
     "eval_batches": "gptjax.data.loader",
     "get_tokenizer": "gptjax.data.loader",
     "load_splits": "gptjax.data.loader",
+    "prepared_dir": "gptjax.data.loader",
     "split_segments": "gptjax.data.loader",
     "train_iterator": "gptjax.data.loader",
 }
