@@ -194,9 +194,9 @@ def test_prepared_windows_are_the_token_cache_windows(tmp_path, shared_data, gpt
 
 
 def test_training_refuses_data_from_another_tokenizer(prepared, sp_model, tmp_path, capsys):
-    other = sp_model
-    argv = ["train", "--config", str(REPO / "configs/quickstart.py"), "--workdir", str(tmp_path / "run"),
-            f"--config.data.sources=prepared:{prepared}", f"--config.tokenizer.path={other}"]  # fmt: skip
+    argv = ["train", "--config", str(REPO / "configs/quickstart.py"),
+            "--workdir", str(tmp_path / "run"), f"--config.data.sources=prepared:{prepared}",
+            f"--config.tokenizer.path={sp_model}"]  # fmt: skip
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "was tokenised with gpt2 (vocab 50257" in err, err
@@ -255,7 +255,8 @@ def test_cli_data_prepare_prints_the_digest(prepared, mixed_corpus, gpt2, tmp_pa
     argv = ["data", "prepare", "--config", str(REPO / "configs/quickstart.py"), "--output",
             str(tmp_path / "cli"), "--workers", "1", "--shard-mb", "0.1",
             f"--config.data.sources={','.join(mixed_corpus)}",
-            f"--config.tokenizer.kind={gpt2.kind}", f"--config.tokenizer.path={gpt2.path}"]  # fmt: skip
+            f"--config.tokenizer.kind={gpt2.kind}",
+            f"--config.tokenizer.path={gpt2.path}"]  # fmt: skip
     assert cli.main(argv) == 0
     digest = json.loads((prepared / "manifest.json").read_text())["stream_sha256"]
     assert f"stream sha256 {digest}" in capsys.readouterr().out

@@ -2,9 +2,10 @@
 
 Packing (the one implementation, for the in-process token cache and for prepared
 ArrayRecord shards alike): a split is a list of contiguous token segments (cut at
-shard boundaries and at the train/val split). Each segment of L tokens gives (L - 1) // seq_len windows of
-seq_len + 1 tokens at stride seq_len, so consecutive windows share one token and every
-token after a segment's first is a prediction target exactly once. Windows never
+shard boundaries and at the train/val split). Each segment of L tokens gives
+(L - 1) // seq_len windows of seq_len + 1 tokens at stride seq_len, so consecutive
+windows share one token and every token after a segment's first is a prediction
+target exactly once. Windows never
 cross a segment; the < seq_len tokens left at a segment's end are unused.
 """
 
