@@ -6,8 +6,10 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +294,26 @@ def test_a_tfds_split_is_cut_into_record_ranges(tmp_path, gpt2):
     tok = load_tokenizer(gpt2)
     want = [t for d in iter_documents(cfg.data) for t in tok.encode(d) + [tok.eos_id]]
     np.testing.assert_array_equal(stream(tmp_path / "p"), want)
+
+
+def test_a_killed_prepare_resumes_to_the_same_bytes(prepared, mixed_corpus, gpt2, tmp_path):
+    """kill -9 once two shards are done: no DIR, a DIR.partial without a manifest; the
+    re-run keeps the finished shards and ends with the uninterrupted run's bytes."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "gptjax", "data", "prepare", "--config",
+            str(REPO / "configs/quickstart.py"), "--output", str(out), "--workers", "1",
+            "--shard-mb", "0.1", f"--config.data.sources={','.join(mixed_corpus)}",
+            f"--config.tokenizer.kind={gpt2.kind}", f"--config.tokenizer.path={gpt2.path}"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    done = tmp_path / "out.partial" / "shard_00001.json"
+    while not done.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    assert not out.exists() and not (tmp_path / "out.partial" / "manifest.json").exists()
+    rerun = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming" in rerun.stderr and "shards already done" in rerun.stderr
+    assert tree(out) == tree(prepared)
