@@ -133,6 +133,8 @@ def _generate(args, _overrides) -> int:
             top_p=args.top_p,
             max_new_tokens=args.max_new_tokens,
             stop_ids=tuple(args.stop_id or ()),
+            num_beams=args.num_beams,
+            length_penalty=args.length_penalty,
         )
         mesh = make_mesh(args.mesh) if args.mesh else None
         new, texts = from_checkpoint(
@@ -428,6 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0 (off) up to the vocabulary size")
     p.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1 is off")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="beam width; > 1 is deterministic beam search as transformers' "
+                   "generate(num_beams=N, early_stopping=True) (temperature, top-k, top-p "
+                   "do not apply)")  # fmt: skip
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search: a hypothesis scores sum log p / tokens ** this "
+                   "(the GPT-3 paper: 0.6)")  # fmt: skip
     p.add_argument("--stop", action="append",
                    help="stop sequence (text; repeatable; needs the checkpoint's tokenizer): "
                    "text is cut before it; with --format ids the ids are cut before the "

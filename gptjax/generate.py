@@ -36,8 +36,16 @@ class Sampling:
     top_p: float = 1.0  # 1: off
     max_new_tokens: int = 64
     stop_ids: tuple[int, ...] = ()
+    num_beams: int = 1  # > 1: deterministic beam search (gptjax.beam); sampling is off
+    length_penalty: float = 1.0  # beam score: sum log p / generated tokens ** this
 
     def __post_init__(self):
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1 (1: no beam search), got {self.num_beams}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be finite, got {self.length_penalty}")
+        if self.num_beams > 1 and (self.top_k or self.top_p < 1.0):
+            raise ValueError("beam search is deterministic: top_k/top_p do not apply to it")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -153,8 +161,14 @@ def make_generate_fn(graphdef, cfg: ModelConfig, sampling: Sampling):
 def jitted_generate_fn(graphdef, cfg: ModelConfig, sampling: Sampling):
     """(params, tokens_BxP, pad_B, key) -> make_generate_fn's outputs, compiled once per
     (model, sampling): a new jax.jit per call would trace and compile the loop every time.
+    num_beams > 1 runs gptjax.beam's beam search instead of sampling.
     The decode head (model.decode_head) is made by a jit of its own first."""
-    loop = jax.jit(make_generate_fn(graphdef, cfg, sampling))
+    if sampling.num_beams > 1:
+        from gptjax.beam import make_beam_fn
+
+        loop = jax.jit(make_beam_fn(graphdef, cfg, sampling))
+    else:
+        loop = jax.jit(make_generate_fn(graphdef, cfg, sampling))
     head = jax.jit(functools.partial(model_lib.decode_head, cfg=cfg))
     return lambda params, *args: loop(params, head(params), *args)
 
