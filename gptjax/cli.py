@@ -378,6 +378,10 @@ def _eval(args, overrides) -> int:
             raise ValueError("--limit must be positive")
         if args.batch_size <= 0:
             raise ValueError("--batch-size must be positive")
+        if args.num_beams < 1:
+            raise ValueError("--num-beams must be >= 1 (1: greedy)")
+        if args.max_gen_tokens < 1:
+            raise ValueError("--max-gen-tokens must be >= 1")
         # Every task is read and checked before any model work.
         tasks = [resolve_task(t, fewshot_from, args.tfds_data_dir) for t in args.task]
     except (EvalInputError, ValueError) as e:
@@ -398,6 +402,8 @@ def _eval(args, overrides) -> int:
         limit=args.limit,
         seed=args.seed,
         max_gen_tokens=args.max_gen_tokens,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
         output=args.output,
         samples=args.log_samples,
         plot=plot,
@@ -405,6 +411,11 @@ def _eval(args, overrides) -> int:
     meta = {"checkpoint": str(args.checkpoint), "mesh": dict(mesh.shape)}
     report = run(model, tasks, opts, meta)
     print(report["table"])
+    from gptjax.eval.synthetic import paper_tables
+
+    paper = paper_tables(report["results"], Path(str(args.checkpoint).rstrip("/")).name)
+    if paper:
+        print("\n" + paper)
     for path in (args.output, plot, args.log_samples):
         if path:
             print(f"wrote {path}")
@@ -571,6 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, default=None, help="PNG (default: beside --output)")
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed")
     p.add_argument("--max-gen-tokens", type=int, default=64)
+    p.add_argument("--num-beams", type=int, default=4,
+                   help="free-form answers: beam width (the GPT-3 paper's 4); 1 is greedy, "
+                   "as lm-eval's generate_until")  # fmt: skip
+    p.add_argument("--length-penalty", type=float, default=0.6,
+                   help="beam search: a hypothesis scores sum log p / tokens ** this")  # fmt: skip
     p.add_argument(
         "--mesh",
         default="data=-1",

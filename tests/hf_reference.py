@@ -29,3 +29,17 @@ def random_gpt2(seed=0, **overrides):
             else:
                 p.copy_(noise / math.sqrt(p.shape[0]))
     return model
+
+
+def gpt2_bpe_dir(hf, bpe):
+    """hf (a new directory) with the real GPT-2 BPE saved as transformers saves it; the
+    GPT2TokenizerFast. from_pretrained reads vocab.json + merges.txt (the names the
+    gptjax importer records too)."""
+    transformers = pytest.importorskip("transformers")
+    hf.mkdir()
+    (hf / "vocab.json").write_bytes((bpe / "encoder.json").read_bytes())
+    (hf / "merges.txt").write_bytes((bpe / "vocab.bpe").read_bytes())
+    tok = transformers.GPT2TokenizerFast.from_pretrained(str(hf))
+    assert tok("Hello world").input_ids == [15496, 995], "GPT-2 tokenizer did not load"
+    tok.save_pretrained(hf)
+    return tok

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_reference import random_gpt2
+from hf_reference import gpt2_bpe_dir, random_gpt2
 
 from gptjax import cli, model
 from gptjax.eval.scoring import EvalModel
@@ -89,19 +89,11 @@ def gpt2(lm_eval, shared_data, tmp_path_factory):
     """(HF directory, gptjax checkpoint) of one seeded random GPT-2 with the real GPT-2
     BPE, so both sides tokenize identically. Every parameter is random (LayerNorm gains
     and biases too, so a misplaced one cannot hide) and the logits are far from uniform."""
-    transformers = pytest.importorskip("transformers")
     from gptjax.convert import import_hf_gpt2
 
     work = tmp_path_factory.mktemp("gpt2")
     hf = work / "hf"
-    hf.mkdir()
-    bpe = shared_data / "gpt2_bpe"
-    # from_pretrained reads vocab.json + merges.txt (the names the importer records too).
-    (hf / "vocab.json").write_bytes((bpe / "encoder.json").read_bytes())
-    (hf / "merges.txt").write_bytes((bpe / "vocab.bpe").read_bytes())
-    tok = transformers.GPT2TokenizerFast.from_pretrained(str(hf))
-    assert tok("Hello world").input_ids == [15496, 995], "GPT-2 tokenizer did not load"
-    tok.save_pretrained(hf)
+    gpt2_bpe_dir(hf, shared_data / "gpt2_bpe")
     net = random_gpt2(
         0, vocab_size=50257, n_positions=N_CTX, n_embd=32, n_layer=2, n_head=4,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,

@@ -7,6 +7,9 @@
   benchmarks_mc.py    RACE, ANLI, SuperGLUE WiC / WSC / MultiRC / ReCoRD from their releases
   fewshot.py          seeded K-shot contexts, fitted to n_ctx
   scoring.py          jitted, bucketed, sharded loglikelihood / rolling / greedy scoring
+  generation.py       free-form answers: stop tokens, answer matching (EM, F1, BLEU)
+  synthetic.py        the GPT-3 paper's arithmetic and word-scrambling tasks, Table 3.9/3.10
+  qa.py               closed-book QA, reading comprehension and translation loaders
   metrics.py          acc, acc_norm, stderr, perplexities, bits per byte, EM / F1
   harness.py          tasks x shots -> results JSON, table, PNG, samples log
   lm_eval_adapter.py  the "gptjax" model for lm-evaluation-harness (imports lm_eval)

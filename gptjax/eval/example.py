@@ -6,7 +6,8 @@ lm-eval's output types):
             i is `contexts[i]` followed by the one shared continuation `choices[0]`.
   loglik    loglikelihood of `delimiter + target` given `context` (+ is it greedy): LAMBADA.
   rolling   loglikelihood of the whole `target` text over rolling windows: perplexity, bpb.
-  generate  greedy generation from `context` until a stop sequence, against `gold` (text).
+  generate  generation (greedy or beam search) from `context` until a stop sequence,
+            scored against `gold` (text, or a list of them) by its `match` rule.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class Example:
     group: str = ""  # MultiRC: the question an answer belongs to (em per question, f1a)
     entities: tuple[str, ...] = ()  # ReCoRD: the entity each option fills in
     answers: tuple[str, ...] = ()  # ReCoRD: the correct entities (em / f1 of the chosen one)
+    match: str = "squad"  # generate: answer matching, see gptjax.eval.generation
+    description: str = ""  # before the demonstrations (lm-eval's description)
+    fewshot_delimiter: str = "\n\n"  # after each demonstration
 
     @property
     def partial(self) -> bool:

@@ -1,6 +1,7 @@
 """K-shot contexts (GPT-3 section 2.4): K solved examples drawn at random, with a fixed
 seed, from the task's training split (or the eval set itself, never the example being
-scored), joined with "\\n\\n" and followed by "\\n\\n" and the example's own context.
+scored), each followed by the example's fewshot_delimiter ("\\n\\n" unless the task says
+otherwise), after the task's description (usually none), then the example's own context.
 
 When K demonstrations do not fit in the model's context, the largest K that fits is used
 for that example and recorded; a K larger than the pool is clamped with a warning.
@@ -86,7 +87,8 @@ def build(
         demos = draw(i, ex, pool, k, seed, same_pool)
         n = len(demos)
         while True:
-            prefix = "".join(d.demo() + FEWSHOT_DELIMITER for d in demos[:n])
+            delimiter = ex.fewshot_delimiter
+            prefix = ex.description + "".join(d.demo() + delimiter for d in demos[:n])
             shot = ex.with_prefix(prefix)
             if n == 0 or fits(shot):
                 break

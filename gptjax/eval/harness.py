@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gptjax.eval import fewshot, metrics
+from gptjax.eval import fewshot, generation, metrics
 from gptjax.eval.scoring import EvalModel
 from gptjax.eval.tasks import Example, Task
 from gptjax.files import json_safe, write_text_atomic
@@ -29,6 +29,8 @@ class RunOptions:
     limit: int | None = None
     seed: int = 1234
     max_gen_tokens: int = 64
+    num_beams: int = 4  # free-form answers: the paper's beam search (1: greedy, lm-eval's)
+    length_penalty: float = 0.6
     output: Path | None = None  # results JSON
     samples: Path | None = None  # per-example JSONL
     plot: Path | None = None  # PNG of the primary metric versus K
@@ -133,22 +135,24 @@ def _score_rolling(model: EvalModel, shots: list[fewshot.Shot]):
     return out, samples
 
 
-def _score_generate(model: EvalModel, shots: list[fewshot.Shot], max_gen_tokens: int):
+def _score_generate(model: EvalModel, shots: list[fewshot.Shot], opts: RunOptions):
+    """Generate every example's answer (rows grouped by stop sequences, each group in
+    batches), then score them by the examples' match rule (eval.generation)."""
     groups: dict[tuple[str, ...], list[int]] = {}
     for i, s in enumerate(shots):
         groups.setdefault(s.example.stop, []).append(i)
     outputs: list[str] = [""] * len(shots)
     for stop, idx in groups.items():
-        texts = model.generate([shots[i].example.context for i in idx], stop, max_gen_tokens)
+        texts = model.generate(
+            [shots[i].example.context for i in idx], stop, opts.max_gen_tokens,
+            opts.num_beams, opts.length_penalty,
+        )  # fmt: skip
         for i, t in zip(idx, texts, strict=True):
             outputs[i] = t
-    em = [metrics.exact_match(o, s.example.gold) for o, s in zip(outputs, shots, strict=True)]
-    f1 = [metrics.f1(o, s.example.gold) for o, s in zip(outputs, shots, strict=True)]
-    samples = [
-        {"generation": o, "gold": s.example.gold, "exact_match": e, "f1": f}
-        for o, s, e, f in zip(outputs, shots, em, f1, strict=True)
-    ]
-    return {"exact_match": _stat(em), "f1": _stat(f1)}, samples
+    values, samples = generation.score(
+        outputs, [s.example.gold for s in shots], shots[0].example.match
+    )
+    return {name: _stat(v) for name, v in values.items()}, samples
 
 
 def evaluate_task(
@@ -178,7 +182,7 @@ def evaluate_task(
     elif kind == "rolling":
         stats, samples = _score_rolling(model, shots)
     else:
-        stats, samples = _score_generate(model, shots, opts.max_gen_tokens)
+        stats, samples = _score_generate(model, shots, opts)
     seconds = time.perf_counter() - start
     used = [s.k for s in shots]
     result = {
@@ -194,6 +198,15 @@ def evaluate_task(
         "fewshot_source": task.fewshot_source if k else None,
         "fewshot_warning": (task.fewshot_warning or None) if k and kind != "rolling" else None,
         "source": task.source,
+        "decoding": (
+            {
+                "num_beams": opts.num_beams,
+                "length_penalty": opts.length_penalty,
+                "max_gen_tokens": opts.max_gen_tokens,
+            }
+            if kind == "generate"
+            else None
+        ),  # fmt: skip
         "seconds": round(seconds, 3),
         "examples_per_s": round(len(examples) / seconds, 3) if seconds > 0 else None,
     }
@@ -215,7 +228,7 @@ def _table_metrics(kind: str, primary: str, present=()) -> list[str]:
     return {
         "loglik": ["acc", "perplexity"],
         "rolling": ["word_perplexity", "byte_perplexity", "bits_per_byte"],
-        "generate": ["exact_match", "f1"],
+        "generate": ["bleu"] if primary == "bleu" else ["exact_match", "f1"],
     }[kind]
 
 

@@ -193,3 +193,41 @@ def f1(prediction: str, references: str | Sequence[str]) -> float:
             p, rec = common / len(pred), common / len(gold)
             best = max(best, 2 * p * rec / (p + rec))
     return best
+
+
+# lm-eval's nq_open / triviaqa exact_match: `regexes_to_ignore` (articles before a space,
+# case-sensitive forms), then ignore_case and ignore_punctuation; no whitespace collapse.
+_LM_EVAL_ARTICLES = re.compile(r"\b(?:The |the |An |A |The |a |an )")
+
+
+def _lm_eval_normalize(s: str, articles: bool) -> str:
+    s = (_LM_EVAL_ARTICLES.sub("", s) if articles else s).lower()
+    return s.translate(str.maketrans("", "", string.punctuation))
+
+
+def exact_match_lm_eval(
+    prediction: str, references: str | Sequence[str], articles: bool = True
+) -> float:
+    """lm-eval's exact_match (ignore_case, ignore_punctuation, and with `articles` its
+    nq_open regexes_to_ignore), true for any reference (its multiple_target rule)."""
+    refs = [references] if isinstance(references, str) else list(references)
+    pred = _lm_eval_normalize(prediction, articles)
+    return float(any(pred == _lm_eval_normalize(r, articles) for r in refs))
+
+
+def exact_match_strict(prediction: str, references: str | Sequence[str]) -> float:
+    """The stripped prediction equals a stripped reference, character for character."""
+    refs = [references] if isinstance(references, str) else list(references)
+    return float(any(prediction.strip() == r.strip() for r in refs))
+
+
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """sacreBLEU's corpus BLEU (0-100) with its defaults (13a tokenisation), the score
+    lm-eval and the GPT-3 paper report; references[i] are hypothesis i's references."""
+    try:
+        import sacrebleu
+    except ImportError:  # a runtime dependency; this names the package if it is missing
+        raise ImportError("BLEU needs sacrebleu: pip install sacrebleu") from None
+    n_refs = max(len(r) for r in references)
+    streams = [[r[j] if j < len(r) else "" for r in references] for j in range(n_refs)]
+    return float(sacrebleu.corpus_bleu(list(hypotheses), streams).score)

@@ -397,21 +397,32 @@ class Scorer:
         return totals
 
     def greedy(
-        self, prompts: Sequence[Sequence[int]], max_new: int, stop_ids: tuple[int, ...]
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new: int,
+        stop_ids: tuple[int, ...],
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
     ) -> list[list[int]]:
-        """Greedy continuations (stop ids excluded), batched and bucketed."""
+        """Continuations up to and including their first stop id: greedy, or beam search
+        with num_beams > 1 (gptjax.beam). Prompts are sorted by length and batched
+        (batch_size // num_beams prompts a batch, each prefilled once), bucketed."""
         from gptjax.generate import Sampling, jitted_generate_fn
 
         max_new = min(max_new, self.n_ctx - 1)
         room = self.n_ctx - max_new
-        sampling = Sampling(temperature=0.0, max_new_tokens=max_new, stop_ids=stop_ids)
+        sampling = Sampling(
+            temperature=0.0, max_new_tokens=max_new, stop_ids=stop_ids, num_beams=num_beams,
+            length_penalty=length_penalty,
+        )  # fmt: skip
         fn = jitted_generate_fn(self.graphdef, self.cfg, sampling)
         prompts = [list(p)[-room:] or [stop_ids[0] if stop_ids else 0] for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         out: list[list[int]] = [[] for _ in prompts]
         pending = []
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s : s + self.batch_size]
+        per_batch = max(1, self.batch_size // num_beams)
+        for s in range(0, len(order), per_batch):
+            idx = order[s : s + per_batch]
             b = row_bucket(len(idx), self.shards)
             p = min(length_bucket(max(len(prompts[i]) for i in idx)), room)
             tokens = np.zeros((b, p), np.int32)
@@ -419,17 +430,14 @@ class Scorer:
             for j, i in enumerate(idx):
                 tokens[j, p - len(prompts[i]) :] = prompts[i]
                 pad[j] = p - len(prompts[i])
-            self.shapes.add(("generate", b, p, max_new))
+            self.shapes.add(("generate", b, p, max_new, num_beams))
             tokens_d, pad_d = self._place(tokens, pad)
             pending.append((idx, self._call(fn, self.params, tokens_d, pad_d, jax.random.key(0))))
             throttle([out for _, out in pending])
         for idx, (new, lengths) in pending:
             new, lengths = np.asarray(new), np.asarray(lengths)
             for j, i in enumerate(idx):
-                ids = [int(x) for x in new[j, : lengths[j]]]
-                if ids and ids[-1] in stop_ids:
-                    ids = ids[:-1]
-                out[i] = ids
+                out[i] = [int(x) for x in new[j, : lengths[j]]]
         return out
 
 
@@ -485,13 +493,29 @@ class EvalModel:
         lls = self.scorer.rolling(ids, self.tokenizer.eos_id)
         return [(ll, len(i)) for ll, i in zip(lls, ids, strict=True)]
 
-    def generate(self, contexts: Sequence[str], until: Sequence[str], max_new: int) -> list[str]:
-        """Greedy continuation text of each context, cut at the first stop sequence."""
+    def generate(
+        self,
+        contexts: Sequence[str],
+        until: Sequence[str],
+        max_new: int,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+    ) -> list[str]:
+        """Continuation text of each context (greedy, or beam search with num_beams > 1),
+        cut at the first stop sequence. Rows stop on device at EOS or at any token whose
+        text holds a stop sequence (eval.generation.stop_token_ids)."""
+        from gptjax.eval.generation import stop_token_ids
         from gptjax.generate import cut_at_stop
 
         prompts = [self.tokenizer.encode(c) or [self.tokenizer.eos_id] for c in contexts]
-        new = self.scorer.greedy(prompts, max_new, (self.tokenizer.eos_id,))
-        return [cut_at_stop(self.tokenizer.decode(n), list(until)) for n in new]
+        stop_ids = stop_token_ids(self.tokenizer, tuple(until), self.cfg.vocab_size)
+        new = self.scorer.greedy(prompts, max_new, stop_ids, num_beams, length_penalty)
+        eos = self.tokenizer.eos_id
+        # A stop token's own text is kept up to the stop sequence (" Mr." for "."), EOS's not.
+        return [
+            cut_at_stop(self.tokenizer.decode(n[:-1] if n and n[-1] == eos else n), list(until))
+            for n in new
+        ]
 
     def request_tokens(self, context: str, continuation: str) -> int:
         ctx, cont = self.encode_pair(context, continuation)

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from gptjax.eval import benchmarks_mc
+from gptjax.eval import benchmarks_mc, qa, synthetic
 from gptjax.eval.definitions import TaskDefinition
 from gptjax.eval.example import KINDS, EvalInputError, Example
 from gptjax.eval.loaders import (
@@ -67,6 +67,9 @@ class TaskInfo:
     # No training split: the GPT-3 paper drew demonstrations from the dev set (LAMBADA,
     # StoryCloze); falling back to the evaluated set itself is warned about loudly.
     dev_pool: bool = False
+    # The paper drew demonstrations from the evaluated file itself (synthetic tasks):
+    # no warning when that is where they come from.
+    self_pool: bool = False
 
 
 TASKS: dict[str, TaskInfo] = {
@@ -124,6 +127,25 @@ TASKS: dict[str, TaskInfo] = {
                  "SuperGLUE ReCoRD jsonl (one example per query, an option per entity)"),
         TaskInfo("mc", load_generic_mc, "acc", (), None, 'JSONL {"query"/"context", "choices", "gold"}'),
         TaskInfo("lm", load_generic_lm, "bits_per_byte", (), None, 'JSONL {"text"} or a text file'),
+        # The GPT-3 paper's synthetic tasks (synthetic.py) and free-form tasks (qa.py).
+        *[TaskInfo(n, synthetic.LOADERS[n], "acc", (), None, synthetic.ABOUT, self_pool=True)
+          for n in synthetic.ARITHMETIC],
+        *[TaskInfo(n, synthetic.LOADERS[n], "exact_match", (), None, synthetic.ABOUT,
+                   self_pool=True) for n in synthetic.WORDS],
+        TaskInfo("nq_open", qa.load_nq_open, "exact_match",
+                 ("NQ-open.train.jsonl", "NQ-open.efficientqa.dev*.jsonl"), None,
+                 "NQ-open.dev.jsonl; few-shot from the train or EfficientQA dev file beside it"),
+        TaskInfo("triviaqa", qa.load_triviaqa, "exact_match", ("*train*.json", "*train*.jsonl"),
+                 None, "TriviaQA JSON (unfiltered-web-dev.json) or rc.nocontext jsonl"),
+        TaskInfo("webquestions", qa.load_webquestions, "exact_match",
+                 ("webquestions.examples.train.json", "*train*.jsonl"), None,
+                 "webquestions.examples.test.json or jsonl {question, answers}"),
+        TaskInfo("coqa", qa.load_coqa, "f1", ("coqa-train*.json",), None, "coqa-dev-v1.0.json"),
+        TaskInfo("drop", qa.load_drop, "f1", ("drop_dataset_train.json",), None,
+                 "drop_dataset_dev.json"),
+        TaskInfo("squad2", qa.load_squad2, "f1", ("train-v2.0.json",), None, "dev-v2.0.json"),
+        TaskInfo("translation", qa.load_translation, "bleu", (), None,
+                 "DIR/NAME.SRC-TGT: plain parallel text NAME.SRC-TGT.SRC / .TGT (fairseq layout)"),
     )
 }  # fmt: skip
 
@@ -289,7 +311,7 @@ def resolve_task(
         task.fewshot_source = fewshot_from[name]
     if task.fewshot_pool is None:
         task.fewshot_source = f"{task.source} (the example itself excluded)"
-        task.fewshot_warning = _fallback_warning(info, path, missing)
+        task.fewshot_warning = "" if info.self_pool else _fallback_warning(info, path, missing)
     elif task.fewshot_source:
         log.info("%s: few-shot demonstrations from %s", name, task.fewshot_source)
     return task
