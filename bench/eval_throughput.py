@@ -15,6 +15,11 @@ examples/s, cold against cold and warm against warm.
 
     python bench/eval_throughput.py                  # defaults: 4 x 256, 200 questions
     python bench/eval_throughput.py --limit 100 --batch-size 32
+    python bench/eval_throughput.py --task nq_open --limit 100   # greedy generate_until
+
+With --task nq_open both generate greedily (lm-eval's nq_open.yaml over the shared dev
+file, `gptjax eval --num-beams 1`), --max-gen-tokens each, and the exact-match scores
+must agree; questions/s are printed.
 
 torch, transformers and lm-eval are bench-only extras, imported only here.
 """
@@ -42,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-ctx", type=int, default=256)
-    p.add_argument("--limit", type=int, default=200, help="HellaSwag questions")
+    p.add_argument("--task", choices=("hellaswag", "nq_open"), default="hellaswag")
+    p.add_argument("--limit", type=int, default=200, help="questions")
+    p.add_argument("--max-gen-tokens", type=int, default=16, help="nq_open: per question")
     p.add_argument("--batch-size", type=int, default=32, help="both frameworks")
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
@@ -115,6 +122,33 @@ def hellaswag_task_dir(args, work: Path) -> Path:
     return tasks
 
 
+def nq_open_task_dir(args, work: Path) -> Path:
+    """lm-eval's own nq_open.yaml over the shared dev file (few-shot pool: EfficientQA
+    dev), with max_gen_toks set."""
+    import lm_eval
+
+    yaml = (Path(lm_eval.__file__).parent / "tasks" / "nq_open" / "nq_open.yaml").read_text()
+    yaml = yaml.replace("task: nq_open", "task: nq_open_local").replace(
+        "dataset_path: google-research-datasets/nq_open",
+        "dataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    train: {args.data / 'nq_open' / 'NQ-open.efficientqa.dev.1.1.jsonl'}\n"
+        f"    validation: {args.data / 'nq_open' / 'NQ-open.dev.jsonl'}",
+    )
+    yaml = yaml.replace(
+        "  do_sample: false", f"  do_sample: false\n  max_gen_toks: {args.max_gen_tokens}"
+    )
+    tasks = work / "lm_eval_tasks"
+    tasks.mkdir(exist_ok=True)
+    (tasks / "nq_open_local.yaml").write_text(yaml, encoding="utf-8")
+    return tasks
+
+
+METRICS = {  # task -> {our metric: lm-eval's result key}
+    "hellaswag": {"acc": "acc,none", "acc_norm": "acc_norm,none"},
+    "nq_open": {"exact_match": "exact_match,remove_whitespace"},
+}
+
+
 def run_lm_eval(args, hf_dir: Path, task_dir: Path) -> list[tuple[float, dict]]:
     """lm-eval's hf backend, evaluation only: the HFLM (model + tokenizer on the CPU) and
     the task (dataset, documents) are built before timing; cold and warm passes."""
@@ -124,15 +158,15 @@ def run_lm_eval(args, hf_dir: Path, task_dir: Path) -> list[tuple[float, dict]]:
 
     lm = HFLM(pretrained=str(hf_dir), dtype="float32", batch_size=args.batch_size, device="cpu")
     manager = TaskManager(include_path=str(task_dir))
-    names = ["hellaswag_local"]  # TaskManager.load is get_task_dict's successor
+    names = [f"{args.task}_local"]  # TaskManager.load is get_task_dict's successor
     task_dict = manager.load(names) if hasattr(manager, "load") else get_task_dict(names, manager)
     out = []
     for _ in range(2):  # cold, warm
         start = time.perf_counter()
         res = evaluate(lm=lm, task_dict=task_dict, limit=args.limit, log_samples=False)
         seconds = time.perf_counter() - start
-        r = res["results"]["hellaswag_local"]
-        out.append((seconds, {"acc": r["acc,none"], "acc_norm": r["acc_norm,none"]}))
+        r = res["results"][f"{args.task}_local"]
+        out.append((seconds, {m: r[key] for m, key in METRICS[args.task].items()}))
     return out
 
 
@@ -143,13 +177,18 @@ def run_gptjax(args, ckpt: Path) -> list[tuple[float, dict]]:
     from gptjax.eval.scoring import EvalModel
 
     model = EvalModel.load(ckpt, batch_size=args.batch_size)
-    task = tasks.resolve_task(f"hellaswag={args.data / 'hellaswag' / 'hellaswag_val_first200.txt'}")
+    data = {
+        "hellaswag": "hellaswag/hellaswag_val_first200.txt",
+        "nq_open": "nq_open/NQ-open.dev.jsonl",
+    }
+    task = tasks.resolve_task(f"{args.task}={args.data / data[args.task]}")
+    opts = harness.RunOptions(limit=args.limit, num_beams=1, max_gen_tokens=args.max_gen_tokens)
     out = []
     for _ in range(2):  # cold (compiles), warm
         start = time.perf_counter()
-        result, _ = harness.evaluate_task(model, task, 0, harness.RunOptions(limit=args.limit))
+        result, _ = harness.evaluate_task(model, task, 0, opts)
         seconds = time.perf_counter() - start
-        out.append((seconds, {m: result["metrics"][m]["value"] for m in ("acc", "acc_norm")}))
+        out.append((seconds, {m: result["metrics"][m]["value"] for m in METRICS[args.task]}))
     print(f"gptjax compiled shapes: {len(model.scorer.shapes)}")
     return out
 
@@ -176,7 +215,7 @@ def main(argv=None) -> int:
         from gptjax.convert import import_hf_gpt2
 
         import_hf_gpt2(hf_dir, ckpt)
-    task_dir = hellaswag_task_dir(args, work)
+    task_dir = (hellaswag_task_dir if args.task == "hellaswag" else nq_open_task_dir)(args, work)
 
     import jax
     import torch
@@ -187,14 +226,18 @@ def main(argv=None) -> int:
         f"({torch.get_num_threads()} threads); malloc "
         + ("kept for reuse (gptjax.hostmem), both frameworks" if kept else "glibc defaults")
     )
+    what = {"hellaswag": "HellaSwag 0-shot, {} questions (4 endings each)",
+            "nq_open": "nq_open 0-shot, {} questions, greedy, "
+                       f"{args.max_gen_tokens} new tokens at most"}[args.task]  # fmt: skip
     print(
         f"model: GPT-2 {args.n_layer} layers x d_model {args.d_model}, {args.n_head} heads, "
-        f"n_ctx {args.n_ctx}, vocab 50257, float32; HellaSwag 0-shot, {args.limit} questions "
-        f"(4 endings each), batch size {args.batch_size}"
+        f"n_ctx {args.n_ctx}, vocab 50257, float32; {what.format(args.limit)}, "
+        f"batch size {args.batch_size}"
     )
     (cold_s, cold), (warm_s, warm) = run_gptjax(args, ckpt)
     (lm_cold_s, lm_cold), (lm_warm_s, lm_warm) = run_lm_eval(args, hf_dir, task_dir)
-    n = min(args.limit, 200)
+    n = min(args.limit, 200 if args.task == "hellaswag" else 3610)
+    names = list(METRICS[args.task])
     rows = [
         ("lm-eval hf (torch), cold", lm_cold_s, lm_cold),
         ("lm-eval hf (torch), warm", lm_warm_s, lm_warm),
@@ -202,9 +245,12 @@ def main(argv=None) -> int:
         ("gptjax eval, warm", warm_s, warm),
     ]
     print("\ntimes: evaluation only (models loaded and tasks built beforehand)")
-    print(f"{'backend':36s} {'seconds':>8s} {'examples/s':>11s} {'acc':>7s} {'acc_norm':>9s}")
+    print(
+        f"{'backend':36s} {'seconds':>8s} {'questions/s':>11s} "
+        + " ".join(f"{m:>11s}" for m in names)
+    )
     for name, s, m in rows:
-        print(f"{name:36s} {s:8.2f} {n / s:11.2f} {m['acc']:7.3f} {m['acc_norm']:9.3f}")
+        print(f"{name:36s} {s:8.2f} {n / s:11.2f} " + " ".join(f"{m[k]:11.3f}" for k in names))
     print(
         f"\nratio gptjax/lm-eval examples/s: warm {lm_warm_s / warm_s:.2f}x (warm vs warm), "
         f"cold {lm_cold_s / cold_s:.2f}x (cold vs cold)"
@@ -212,9 +258,9 @@ def main(argv=None) -> int:
     same = all(
         abs(a[k] - b[k]) < 1e-9
         for a, b in ((warm, lm_warm), (cold, lm_cold), (warm, cold))
-        for k in ("acc", "acc_norm")
+        for k in names
     )
-    print(f"accuracies identical: {same}")
+    print(f"scores identical: {same}")
     return 0 if same else 1
 
 
