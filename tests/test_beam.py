@@ -22,7 +22,8 @@ def models(tmp_path_factory):
         hf.transformer.wte.weight[EOS] *= 1.3
     tmp = tmp_path_factory.mktemp("beam")
     hf.save_pretrained(tmp / "hf")
-    return hf, generate.load(convert.import_hf_gpt2(tmp / "hf", tmp / "ckpt"))
+    ckpt = convert.import_hf_gpt2(tmp / "hf", tmp / "ckpt")
+    return hf, generate.load(ckpt), ckpt
 
 
 def _prompts():
@@ -50,7 +51,7 @@ def _hf_beam(hf, prompts, num_beams, length_penalty):
 
 @pytest.mark.parametrize("num_beams,length_penalty", [(4, 0.6), (3, 1.0), (4, 2.0)])
 def test_beam_search_equals_transformers(models, num_beams, length_penalty):
-    hf, loaded = models
+    hf, loaded, _ = models
     prompts = _prompts()
     want = _hf_beam(hf, prompts, num_beams, length_penalty)
     sampling = Sampling(
@@ -64,6 +65,24 @@ def test_beam_search_equals_transformers(models, num_beams, length_penalty):
     assert len({len(w) for w in want if len(w) < N_NEW}) >= 2, [len(w) for w in want]
     greedy = loaded.generate(prompts, Sampling(0.0, max_new_tokens=N_NEW, stop_ids=(EOS,)))
     assert greedy != got
+
+
+def test_cli_beam_search(models, capsys):
+    """`gptjax generate --num-beams 4 --length-penalty 0.6` prints transformers' tokens."""
+    from gptjax import cli
+
+    hf, _, ckpt = models
+    prompts = _prompts()[:3]
+    argv = ["generate", "--checkpoint", str(ckpt), "--num-beams", "4", "--length-penalty",
+            "0.6", "--max-new-tokens", str(N_NEW), "--stop-id", str(EOS), "--format", "ids"]  # fmt: skip
+    for p in prompts:
+        argv += ["--prompt-ids", ",".join(map(str, p))]
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    got = [[int(t) for t in line.split(",") if t] for line in capsys.readouterr().out.splitlines()]
+    assert got == _hf_beam(hf, prompts, 4, 0.6)
+    assert cli.main([*argv, "--top-k", "5"]) == 2
+    assert "top_k/top_p do not apply" in capsys.readouterr().err
 
 
 def test_beam_arguments_are_checked():

@@ -180,32 +180,44 @@ def ckpt(shared_data, tmp_path_factory):
 
 
 def test_gptjax_eval_runs_every_freeform_task(ckpt, shared_data, tmp_path, capsys):
-    """Each new task zero- and one-shot through `gptjax eval`, free-form ones with beam
-    search, then greedily; the synthetic tables are printed in the paper's layout."""
+    """Each new kind of task zero- and one-shot through `gptjax eval`, the free-form ones
+    with beam search, then greedily; the synthetic tables are printed in the paper's layout."""
     (tmp_path / "test.de-en.de").write_text("Guten Morgen .\nDanke .\nJa .\n")
     (tmp_path / "test.de-en.en").write_text("Good morning .\nThank you .\nYes .\n")
-    coqa = _write(tmp_path / "coqa.json", {"data": [{
-        "story": "Ann has a cat.", "questions": [{"input_text": "Who?"}, {"input_text": "What?"}],
-        "answers": [{"input_text": "Ann"}, {"input_text": "a cat"}]}]})  # fmt: skip
-    names = ["arithmetic_2da", "sum_of_digits", "reversed_words"]
-    argv = ["--checkpoint", str(ckpt), "--shots", "0,1", "--limit", "3", "--mesh", "data=1",
-            "--max-gen-tokens", "6", "--num-beams", "2", "--output", str(tmp_path / "r.json"),
-            *[x for n in names for x in ("--task", f"{n}={shared_data / SYNTHETIC}")],
-            "--task", f"nq_open={shared_data / 'nq_open' / 'NQ-open.dev.jsonl'}",
-            "--task", f"translation={tmp_path / 'test.de-en'}", "--task", f"coqa={coqa}"]  # fmt: skip
-    assert cli.main(["eval", *argv]) == 0
+    story = {"story": "Ann has a cat.", "questions": [{"input_text": "Who?"}, {"input_text": "What?"}],
+             "answers": [{"input_text": "Ann"}, {"input_text": "a cat"}]}  # fmt: skip
+    qa_pairs = [{"question": f"How many {i}?", "answer": {"number": str(i)}} for i in range(3)]
+    squad = [{"question": f"Q{i}?", "id": str(i), "answers": [{"text": "x"}]} for i in range(3)]
+    files = {
+        "coqa": _write(tmp_path / "coqa.json", {"data": [story, story]}),
+        "triviaqa": _write(tmp_path / "tqa.json", {"Data": [
+            {"Question": f"Q{i}", "Answer": {"Aliases": ["a", "b"]}} for i in range(3)]}),
+        "webquestions": _write(tmp_path / "webq.json", [
+            {"utterance": f"what {i}?", "targetValue": "(list (description A))"} for i in range(3)]),
+        "drop": _write(tmp_path / "drop.json", {"p": {"passage": "P.", "qa_pairs": qa_pairs}}),
+        "squad2": _write(tmp_path / "squad.json", {"data": [{"title": "T", "paragraphs": [
+            {"context": "C.", "qas": squad}]}]}),
+        "translation": tmp_path / "test.de-en",
+        "nq_open": shared_data / "nq_open" / "NQ-open.dev.jsonl",
+    }  # fmt: skip
+    synth = ["arithmetic_2da", "sum_of_digits", "reversed_words"]
+    common = ["--checkpoint", str(ckpt), "--shots", "0,1", "--limit", "3", "--mesh", "data=1",
+              "--max-gen-tokens", "6", "--output", str(tmp_path / "r.json")]  # fmt: skip
+    synth_args = [x for n in synth for x in ("--task", f"{n}={shared_data / SYNTHETIC}")]
+    free_args = [x for n, p in files.items() for x in ("--task", f"{n}={p}")]
+    assert cli.main(["eval", *common, *synth_args, *free_args, "--num-beams", "2"]) == 0
     out = capsys.readouterr().out
     assert "Table 3.9 layout" in out and "Table 3.10 layout" in out
     results = json.loads((tmp_path / "r.json").read_text())["results"]
     assert {(r["task"], r["k"]) for r in results} == {
-        (n, k) for n in [*names, "nq_open", "translation", "coqa"] for k in (0, 1)
+        (n, k) for n in [*synth, *files] for k in (0, 1)
     }
     assert all("error" not in r for r in results)
     gen = [r for r in results if r["kind"] == "generate"]
     assert all(r["decoding"]["num_beams"] == 2 for r in gen)
     assert "bleu" in next(r for r in gen if r["task"] == "translation")["metrics"]
-    assert cli.main(["eval", *argv[:-6], "--num-beams", "1"]) == 0  # greedy: the synthetic ones
+    assert cli.main(["eval", *common, *synth_args, "--num-beams", "1"]) == 0  # greedy
     greedy = json.loads((tmp_path / "r.json").read_text())["results"]
     assert {r["decoding"]["num_beams"] for r in greedy if r["kind"] == "generate"} == {1}
-    assert cli.main(["eval", *argv, "--num-beams", "0"]) == 2
+    assert cli.main(["eval", *common, *synth_args, "--num-beams", "0"]) == 2
     assert "--num-beams must be >= 1" in capsys.readouterr().err

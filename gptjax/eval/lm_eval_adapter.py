@@ -77,10 +77,12 @@ class GptjaxLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
             if kwargs.get("do_sample") or kwargs.get("temperature", 0.0):
-                raise ValueError("the gptjax lm-eval model generates greedily only")
-            groups.setdefault((tuple(until), max_new), []).append(i)
-        for (until, max_new), idx in groups.items():
-            texts = self.model.generate([requests[i].args[0] for i in idx], until, max_new)
+                raise ValueError("the gptjax lm-eval model generates greedily or by beam search")
+            beams = (int(kwargs.get("num_beams", 1)), float(kwargs.get("length_penalty", 1.0)))
+            groups.setdefault((tuple(until), max_new, beams), []).append(i)
+        for (until, max_new, beams), idx in groups.items():
+            contexts = [requests[i].args[0] for i in idx]
+            texts = self.model.generate(contexts, until, max_new, *beams)
             for i, text in zip(idx, texts, strict=True):
                 out[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
