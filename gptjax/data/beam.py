@@ -1,9 +1,9 @@
 """`gptjax data prepare --runner beam`: the same per-unit transform as an Apache Beam
 pipeline, so a cluster runner (Dataflow, Flink, Spark) can tokenise a large corpus.
 
-Each element is one work unit; its DoFn calls gptjax.data.prepare.tokenize_unit, which
-writes shard k and its info file, exactly as a local worker does, so the output is the
-same bytes. The output directory must be on a filesystem every Beam worker writes to
+Each element is one work unit; its DoFn calls the transform it is given
+(gptjax.data.prepare.tokenize_unit, which writes shard k and its info file, exactly as a
+local worker does), so the output is the same bytes. The output directory must be on a filesystem every Beam worker writes to
 (a shared mount on a cluster). Apache Beam is an optional extra (`pip install
 'gptjax[beam]'`) imported only by run_beam.
 """
@@ -31,8 +31,9 @@ def beam_args(workers: int, beam_options: str) -> list[str]:
     return args
 
 
-def run_beam(job, todo, workers: int, beam_options: str) -> None:
-    """Run tokenize_unit over the (index, pieces) units of `todo` as a Beam pipeline."""
+def run_beam(job, todo, workers: int, beam_options: str, tokenize_unit) -> None:
+    """Run tokenize_unit(job, index, pieces, tokenizer) over the (index, pieces) units of
+    `todo` as a Beam pipeline (passed in: this module never imports gptjax.data.prepare)."""
     try:
         import apache_beam as beam
         from apache_beam.options.pipeline_options import PipelineOptions
@@ -49,8 +50,6 @@ def run_beam(job, todo, workers: int, beam_options: str) -> None:
             self.tokenizer = tokenizer_from_record(job.tokenizer_record)
 
         def process(self, element):
-            from gptjax.data.prepare import tokenize_unit
-
             index, pieces = element
             yield tokenize_unit(job, index, pieces, self.tokenizer)["tokens"]
 

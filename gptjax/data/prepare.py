@@ -239,7 +239,7 @@ def prepare(
         if runner == "beam":
             from gptjax.data.beam import run_beam
 
-            run_beam(job, todo, workers, beam_options)
+            run_beam(job, todo, workers, beam_options, tokenize_unit)
             bar.update(
                 sum(json.loads((partial / info_name(i)).read_text())["tokens"] for i, _ in todo)
             )
