@@ -9,8 +9,11 @@ the previous one restored.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -25,8 +28,27 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used with the current config."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written (a full disk, a lost mount): the run stops;
+    the steps saved before are intact."""
+
+
 def checkpoint_dir(workdir: Path) -> Path:
     return Path(workdir).absolute() / "checkpoints"
+
+
+class _WriteFailureEchoes(logging.Filter):
+    """A failed background save is logged by each of Orbax's threads and each of its
+    asyncio futures (tracebacks by the hundred on a full disk); the CheckpointWriteError
+    that the run stops with says it once."""
+
+    ECHOES = ("No space left on device", "RESOURCE_EXHAUSTED", "Event loop is closed")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += str(record.exc_info[1])
+        return not any(echo in text for echo in self.ECHOES)
 
 
 class Checkpointer:
@@ -35,6 +57,14 @@ class Checkpointer:
     def __init__(self, directory: Path, cfg: CheckpointConfig | None = None):
         cfg = cfg or CheckpointConfig()
         self.directory = Path(directory).absolute()
+        self._saving: int | None = None  # the step of the last save started
+        self._failed = False  # a CheckpointWriteError was raised
+        self._unchecked = False  # a save started whose outcome check_saved has not seen
+        self._echoes = _WriteFailureEchoes()
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).addFilter(self._echoes)
+        self._excepthook = sys.excepthook
+        sys.excepthook = self._quiet_excepthook
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True
         )
@@ -55,6 +85,7 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state, data_iterator, config: dict, tokenizer: dict) -> None:
+        """Start saving `step` (in the background with async_save: see check_saved)."""
         items = dict(
             state=ocp.args.StandardSave(state),
             config=ocp.args.JsonSave(config),
@@ -62,7 +93,47 @@ class Checkpointer:
         )
         if data_iterator is not None:
             items["data"] = ocp.args.JsonSave(data_iterator.get_state())
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        with self._writing():  # the previous save, which Orbax would wait for anyway
+            self.manager.wait_until_finished()
+        self._saving = step
+        with self._writing():
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._unchecked = True
+
+    def check_saved(self) -> None:
+        """Raise CheckpointWriteError if the last background save has failed. Cheap
+        enough for every step boundary: a flag read, and once the save has ended, one
+        look at its outcome (Orbax's check_for_errors would wait for a running save)."""
+        if self._unchecked and not self.manager.is_saving_in_progress():
+            self._unchecked = False
+            with self._writing():
+                self.manager.check_for_errors()
+
+    @contextlib.contextmanager
+    def _writing(self):
+        try:
+            yield
+        except Exception as e:
+            raise self._write_error(e) from None
+
+    def _write_error(self, error: BaseException) -> CheckpointWriteError:
+        """One line: the step, the directory, why, the free space and the step to resume."""
+        self._failed = True
+        text = str(error)
+        reason = f"{type(error).__name__}: " + (text.strip().splitlines() or [""])[0][:200]
+        if "No space left on device" in text or "os_error_code='28'" in text:
+            reason = "no space left on device"
+        try:
+            free = f"{shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        step = self._saving
+        done = [s for s in self.steps() if s != step]
+        last = f"step {done[-1]}" if done else "none"
+        return CheckpointWriteError(
+            f"checkpoint step {step} could not be written to {self.directory}: {reason} "
+            f"({free}); the last complete checkpoint is {last}"
+        )
 
     def read_json(self, step: int) -> tuple[dict, dict]:
         """(config dict, tokenizer record) saved with a step."""
@@ -177,10 +248,26 @@ class Checkpointer:
         self.manager.reload()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.manager.close()
+        except Exception:
+            if not self._failed:
+                raise  # after a CheckpointWriteError the same failure, reported already
+        finally:
+            for name in ("absl", "asyncio"):
+                logging.getLogger(name).removeFilter(self._echoes)
+            if sys.excepthook == self._quiet_excepthook:
+                sys.excepthook = self._excepthook
+
+    def _quiet_excepthook(self, kind, value, tb) -> None:
+        """Tensorstore reports a write callback that finds its event loop closed (one per
+        pending write of a failed save) through sys.excepthook: an echo too."""
+        if not any(echo in str(value) for echo in _WriteFailureEchoes.ECHOES):
+            self._excepthook(kind, value, tb)
 
 
 def shape_diffs(want_tree, have_tree, limit: int = 8) -> str:
@@ -211,19 +298,48 @@ def abstract_with_shardings(abstract_tree, shardings):
 # ----------------------------------------------------------------------------- inference
 
 
-def resolve(path: str | Path) -> tuple[Path, int]:
-    """(checkpoints directory, step) for a converted checkpoint, a training workdir
-    (its latest step), a checkpoints/ directory, or one step's directory."""
+class TornStep(CheckpointError):
+    """One step of a checkpoint that cannot be read: the file and the reason."""
+
+
+def _candidates(path: str | Path) -> tuple[Path, list[int]]:
+    """(checkpoints directory, its steps newest first) for a converted checkpoint, a
+    training workdir, a checkpoints/ directory, or one step's directory (that step only)."""
     path = Path(path).absolute()
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.name.isdigit() and (path / "config").exists():
-        return path.parent, int(path.name)
+        return path.parent, [int(path.name)]
     for directory in (path / "checkpoints", path):
         steps = sorted(int(p.name) for p in directory.glob("[0-9]*") if (p / "config").exists())
         if steps:
-            return directory, steps[-1]
+            return directory, steps[::-1]
     raise CheckpointError(f"no gptjax checkpoint in {path} (expected a workdir or checkpoint dir)")
+
+
+def _torn(file: Path, error: BaseException) -> TornStep:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return TornStep(f"{file}: {reason}")
+
+
+def _newest_readable(path: str | Path, read):
+    """read(step_dir) on the newest step of `path` it succeeds on, for every reader of
+    checkpoints (generate, eval, convert, init_from, finetune, predict). A step whose read
+    raises TornStep (a torn copy, an interrupted write) is skipped with a warning naming
+    the step and the file; none readable is one CheckpointError listing them."""
+    directory, steps = _candidates(path)
+    problems = []
+    for step in steps:
+        try:
+            out = read(directory / str(step))
+        except TornStep as e:
+            problems.append(f"step {step}: {e}")
+            log.warning("checkpoint step %d is torn (%s); trying an older step", step, e)
+            continue
+        if problems:
+            log.warning("using step %d of %s, the newest intact one", step, directory)
+        return out
+    raise CheckpointError(f"no intact checkpoint in {path}: " + "; ".join(problems))
 
 
 def save_params(directory: str | Path, config: dict, params, tokenizer: dict | None) -> Path:
@@ -259,52 +375,103 @@ def save_params(directory: str | Path, config: dict, params, tokenizer: dict | N
 
 
 def read_step_json(step_dir: Path, item: str) -> dict:
-    """One JSON item (config, tokenizer) of a step directory; {} when it has none."""
+    """One JSON item (config, tokenizer) of a step directory; {} when it has none. Read as
+    the file Orbax's JsonCheckpointHandler writes, so that a torn one is named."""
     if not (step_dir / item).exists():
         return {}
-    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / item)
+    file = step_dir / item / "metadata"
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise _torn(file, e) from None
 
 
 def read_checkpoint_json(path: str | Path) -> tuple[dict, dict]:
-    """(config dict, tokenizer record; {} where there is none) of any checkpoint `resolve`
-    accepts, without reading its arrays."""
-    directory, step = resolve(path)
-    step_dir = directory / str(step)
-    return read_step_json(step_dir, "config"), read_step_json(step_dir, "tokenizer")
+    """(config dict, tokenizer record; {} where there is none) of the newest intact step
+    of any checkpoint (see _candidates), without reading its arrays."""
+
+    def read(step_dir: Path):
+        _stored_params(step_dir)  # a step whose arrays' index is torn is no candidate
+        return read_step_json(step_dir, "config"), read_step_json(step_dir, "tokenizer")
+
+    return _newest_readable(path, read)
+
+
+class _NoStepMetadataWarning(logging.Filter):
+    """Orbax warns that an item directory has no _CHECKPOINT_METADATA (it lives in the
+    step directory above): true of every healthy read of one item, so not shown; nor its
+    note on an unreadable _METADATA, which the TornStep warning names."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return "_CHECKPOINT_METADATA" not in text and "Failed to get item metadata" not in text
+
+
+@contextlib.contextmanager
+def _quiet_item_reads():
+    quiet = _NoStepMetadataWarning()
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+
+
+def _params_item(step_dir: Path) -> tuple[str, str | None]:
+    """(item, key): converted checkpoints hold "params", training ones "state"/params."""
+    return ("params", None) if (step_dir / "params").exists() else ("state", "params")
+
+
+def _stored_params(step_dir: Path):
+    """The stored parameters' metadata tree of one step; TornStep when unreadable."""
+    item, key = _params_item(step_dir)
+    with _quiet_item_reads():
+        try:
+            stored = ocp.PyTreeCheckpointer().metadata(step_dir / item).item_metadata
+        except Exception as e:
+            raise _torn(step_dir / item / "_METADATA", e) from None
+    if stored is None:  # what Orbax makes of an empty or truncated _METADATA
+        raise TornStep(f"{step_dir / item / '_METADATA'}: empty or not valid JSON")
+    return stored.tree[key] if key else stored.tree
+
+
+def _read_params(step_dir: Path, abstract_params):
+    """(config, params, tokenizer) of one step; TornStep for a damaged one."""
+    config = read_step_json(step_dir, "config")
+    tokenizer = read_step_json(step_dir, "tokenizer")
+    item, key = _params_item(step_dir)
+    stored = _stored_params(step_dir)
+    with _quiet_item_reads():
+        if abstract_params is None:
+            # A sharding makes Orbax restore jax arrays; without one it returns numpy
+            # arrays, which every jitted call would copy to the device again (~50 ms per
+            # scoring batch of the eval bench's model).
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract_params = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored
+            )
+        elif diffs := shape_diffs(abstract_params, stored):
+            raise CheckpointError(f"{step_dir} holds parameters of other shapes: {diffs}")
+        target = {key: abstract_params} if key else abstract_params
+        try:
+            restored = ocp.PyTreeCheckpointer().restore(
+                step_dir / item,
+                args=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                ),
+            )
+        except Exception as e:  # truncated array files
+            raise _torn(step_dir / item, e) from None
+    params = restored[key] if key else restored
+    return config, params, tokenizer or None
 
 
 def load_params(path: str | Path, abstract_params=None):
-    """(config dict, params, tokenizer record or None) from any checkpoint `resolve`
-    accepts. Only the parameters are read from a training checkpoint, never the
-    optimizer state. abstract_params (ShapeDtypeStructs, optionally with shardings)
-    places them (a CheckpointError names the parameters whose stored shapes differ);
-    without it they are read as stored, onto one device."""
-    directory, step = resolve(path)
-    step_dir = directory / str(step)
-    config = read_step_json(step_dir, "config")
-    tokenizer = read_step_json(step_dir, "tokenizer")
-    item, key = ("params", None) if (step_dir / "params").exists() else ("state", "params")
-    reader = ocp.PyTreeCheckpointer()
-    stored = reader.metadata(step_dir / item).item_metadata.tree
-    stored = stored[key] if key else stored
-    if abstract_params is None:
-        # A sharding makes Orbax restore jax arrays; without one it returns numpy arrays,
-        # which every jitted call would copy to the device again (~50 ms per scoring
-        # batch of the eval bench's model).
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract_params = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored
-        )
-    elif diffs := shape_diffs(abstract_params, stored):
-        raise CheckpointError(f"{step_dir} holds parameters of other shapes: {diffs}")
-    target = {key: abstract_params} if key else abstract_params
-    restored = reader.restore(
-        step_dir / item,
-        args=ocp.args.PyTreeRestore(
-            item=target,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True,
-        ),
-    )
-    params = restored[key] if key else restored
-    return config, params, tokenizer or None
+    """(config dict, params, tokenizer record or None) of the newest intact step of any
+    checkpoint (see _candidates). Only the parameters are read from a training
+    checkpoint, never the optimizer state. abstract_params (ShapeDtypeStructs, optionally
+    with shardings) places them (a CheckpointError names the parameters whose stored
+    shapes differ); without it they are read as stored, onto one device."""
+    return _newest_readable(path, lambda d: _read_params(d, abstract_params))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -33,9 +34,27 @@ def _run_job(job, user_errors: tuple[type[Exception], ...]) -> tuple[int, object
     process of several: a user error (bad data, checkpoint, config) exits 2, a non-finite
     loss 3, preemption 143. With several processes a failing one leaves at once instead
     of waiting for the others at exit (see gptjax.distributed.exit_now)."""
+    import signal
+
     from gptjax import distributed
+    from gptjax.checkpoint import CheckpointWriteError
     from gptjax.loop import NonFiniteLoss, Preempted
 
+    def stop(_signum, _frame):
+        """SIGTERM while the loop (which takes it over, to save) does not run. SystemExit,
+        which no `except Exception` on the way (data preparation's) turns into another
+        error; `finally` blocks still run (the workdir lock is released)."""
+        print("gptjax: SIGTERM outside the training steps (preparing data, compiling or "
+              "finishing): stopped, nothing new saved; re-run to resume",
+              file=sys.stderr, flush=True)  # fmt: skip
+        raise SystemExit(143)
+
+    previous = None
+    if not distributed.is_multiprocess():  # several: JAX's preemption service has it
+        try:
+            previous = signal.signal(signal.SIGTERM, stop)
+        except ValueError:  # not the main thread
+            pass
     try:
         return 0, job()
     except user_errors as e:
@@ -44,6 +63,11 @@ def _run_job(job, user_errors: tuple[type[Exception], ...]) -> tuple[int, object
     except NonFiniteLoss as e:
         print(f"gptjax: {e}", file=sys.stderr)
         return 3, None
+    except CheckpointWriteError as e:
+        # Leave at once: Orbax's failed background threads would print at interpreter exit.
+        print(f"gptjax: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     except Preempted as e:
         print(f"gptjax: {e}", file=sys.stderr)
         return 143, None
@@ -51,6 +75,9 @@ def _run_job(job, user_errors: tuple[type[Exception], ...]) -> tuple[int, object
         if distributed.is_multiprocess():  # do not wait for the others at exit: they are stuck
             distributed.exit_now(e)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _train(args, overrides) -> int:
@@ -67,8 +94,9 @@ def _train(args, overrides) -> int:
     from gptjax import train
     from gptjax.checkpoint import CheckpointError
     from gptjax.data import DataError
+    from gptjax.workdir import WorkdirError
 
-    user_errors = (config_lib.ConfigError, DataError, CheckpointError)
+    user_errors = (config_lib.ConfigError, DataError, CheckpointError, WorkdirError)
     return _run_job(lambda: train.train(cfg, args.workdir), user_errors)[0]
 
 
@@ -182,6 +210,7 @@ def _sweep(args, overrides) -> int:
     from gptjax.checkpoint import CheckpointError
     from gptjax.data import DataError
     from gptjax.tokenizer import TokenizerError
+    from gptjax.workdir import WorkdirError
 
     items = [f"{k[len('sweep_') :]}={v}" for k, v in vars(args).items() if k.startswith("sweep_")]
     out = args.out or f"runs/sweep_{args.config.rsplit('/', 1)[-1].removesuffix('.py')}"
@@ -202,18 +231,23 @@ def _sweep(args, overrides) -> int:
         print(sweep_lib.format_plan(sweep), flush=True)
         if args.run:
             from gptjax import train
+            from gptjax.checkpoint import CheckpointWriteError
 
             try:
                 rows = sweep_lib.run_all(sweep)
             except train.Preempted as e:
                 print(f"gptjax: {e}; re-run the same sweep command to resume", file=sys.stderr)
                 return 143
+            except CheckpointWriteError as e:
+                print(f"gptjax: {e}", file=sys.stderr)
+                return 1
         elif args.collect:
             rows = sweep_lib.write_results(sweep)
         else:
             print(f"{len(sweep.runs)} runs; --run trains them here, --print-commands prints them")
             return 0
-    except (config_lib.ConfigError, DataError, CheckpointError, TokenizerError) as e:
+    except (config_lib.ConfigError, DataError, CheckpointError, TokenizerError,
+            WorkdirError) as e:  # fmt: skip
         print(f"gptjax: {e}", file=sys.stderr)
         return 2
     print(sweep_lib.format_table(rows))
@@ -312,8 +346,9 @@ def _finetune(args, overrides) -> int:
     from gptjax.checkpoint import CheckpointError
     from gptjax.finetune_data import FinetuneDataError
     from gptjax.tokenizer import TokenizerError
+    from gptjax.workdir import WorkdirError
 
-    user_errors = (ConfigError, CheckpointError, FinetuneDataError, TokenizerError)
+    user_errors = (ConfigError, CheckpointError, FinetuneDataError, TokenizerError, WorkdirError)
     status, results = _run_job(lambda: ft.finetune(cfg, args.workdir), user_errors)
     if status:
         return status

@@ -150,10 +150,14 @@ def exit_now(error: BaseException, status: int = 1) -> NoReturn:
     the others' collectives fail at once and they leave the same way; a process waiting
     elsewhere is stopped by the coordination service within heartbeat_timeout.
     """
-    traceback.print_exception(error)
     hint = ""
     if isinstance(error, jax.errors.JaxRuntimeError):
-        hint = " (a collective failed: another process has probably died; see its output)"
+        # Another process's death, seen from here: its traceback would only bury the
+        # dead process's own report. The runtime's first line says which collective.
+        first = (str(error).strip().splitlines() or [""])[0][:160]
+        hint = f" (a collective failed: another process has probably died; see its output: {first})"
+    else:  # this process's own failure: the traceback is the report
+        traceback.print_exception(error)
     print(
         f"gptjax: process {jax.process_index()} of {jax.process_count()} failed: "
         f"{type(error).__name__}{hint}; exiting without waiting for the other processes",

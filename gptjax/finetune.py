@@ -68,6 +68,7 @@ from gptjax.loop import PreemptionFlag
 from gptjax.optim import lr_schedule, make_optimizer
 from gptjax.tokenizer import load_tokenizer, tokenizer_from_record
 from gptjax.train import TrainState, jit_step
+from gptjax.workdir import claim
 
 log = logging.getLogger(__name__)
 
@@ -366,12 +367,18 @@ def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dic
     """Fine-tune (or resume) in workdir; returns the results also written to
     WORKDIR/results.json. stop_after: checkpoint and raise Preempted after that step
     (as SIGTERM does), e.g. to time-box a run."""
-    cfg, workdir = validate(cfg), Path(workdir)
+    cfg = validate(cfg)
+    with claim(workdir, "finetune"):
+        return _finetune(cfg, Path(workdir), stop_after)
+
+
+def _finetune(cfg: FinetuneConfig, workdir: Path, stop_after: int | None) -> dict:
     spec, f = TASKS[cfg.task.name], cfg.finetune
-    workdir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
-    ckpt = Checkpointer(checkpoint_dir(workdir), cfg.checkpoint)
-    resuming = bool(ckpt.steps())
+    # No checkpoints/ until the data is ready: a run that fails before leaves none.
+    ckdir = checkpoint_dir(workdir)
+    ckpt = Checkpointer(ckdir, cfg.checkpoint) if ckdir.is_dir() else None
+    resuming = bool(ckpt and ckpt.steps())
     base_cfg = None
     if resuming:  # the run's own model (vocabulary included) and tokenizer
         _, stored, record = ckpt.read_latest_json()
@@ -387,6 +394,7 @@ def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dic
     sp = Specials.for_vocab(model_cfg.vocab_size)
     train_data = _load_split(cfg, spec, "train", tokenizer, sp, n_ctx)
     dev_data = _load_split(cfg, spec, "dev", tokenizer, sp, n_ctx)
+    ckpt = ckpt or Checkpointer(ckdir, cfg.checkpoint)
 
     mesh = sharding.make_mesh(cfg.mesh)  # a ConfigError when it does not fit the devices
     n_proc, shards = jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"]
@@ -460,6 +468,8 @@ def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dic
         last_time, last_step = time.perf_counter(), start
 
         def save(step: int) -> None:
+            # Not a state whose loss went NaN/inf since the last log record.
+            loop.check_finite(pending, lambda s, loss: f"non-finite loss at step {s}; stopping")
             ckpt.save(step, state, train_iter, config_lib.to_dict(run_cfg), tokenizer.to_record())
 
         with PreemptionFlag() as sigterm:
@@ -471,6 +481,7 @@ def finetune(cfg: FinetuneConfig, workdir, stop_after: int | None = None) -> dic
                         for k, v in local.items()
                     }
                     state, m = step_fn(state, batch)
+                    ckpt.check_saved()  # a failed background save stops the run here
                     pending.append((step + 1, m))
                     xla_cpu.throttle(pending)
                     done = step + 1

@@ -86,10 +86,20 @@ def drain(pending: list, message: Callable[[int, float], str]) -> list:
     with message(step, loss), at the first step whose loss is not finite."""
     got = jax.device_get(pending)
     pending.clear()
+    _check_finite(got, message)
+    return got
+
+
+def check_finite(pending: list, message: Callable[[int, float], str]) -> None:
+    """drain's NaN check, leaving `pending` queued for the next log record: before a
+    checkpoint, so that no checkpoint holds a state whose loss went NaN/inf."""
+    _check_finite(jax.device_get(pending), message)
+
+
+def _check_finite(got: list, message: Callable[[int, float], str]) -> None:
     for step, m in got:
         if not math.isfinite(float(m["loss"])):
             raise NonFiniteLoss(message(step, float(m["loss"])))
-    return got
 
 
 def checkpoint_due(step: int, every_steps: int, *, last: bool) -> bool:
@@ -98,12 +108,16 @@ def checkpoint_due(step: int, every_steps: int, *, last: bool) -> bool:
 
 
 def stop_if_preempted(
-    flag: PreemptionFlag, step: int, *, saved: bool, save, ckpt, why: str, stop_after=None
-) -> None:
+    flag: PreemptionFlag, step: int, *, saved: bool, save, ckpt, why: str, stop_after=None,
+    on_stop: Callable[[int], None] | None = None,
+) -> None:  # fmt: skip
     """After each step: when preempted (or at `stop_after`), save unless this step was
-    saved already, wait for the write, and raise Preempted('{why} at step N: ...')."""
+    saved already, call on_stop(step), wait for the write, and raise
+    Preempted('{why} at step N: ...')."""
     if flag.reached(step) or step == stop_after:
         if not saved:
             save(step)
+        if on_stop is not None:
+            on_stop(step)
         ckpt.wait()
         raise Preempted(f"{why} at step {step}: checkpoint saved; re-run to resume")

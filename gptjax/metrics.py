@@ -88,6 +88,23 @@ class MetricsWriter:
                 self.tb.add_scalar(k, float(v), step)
         self.tb.flush()
 
+    def write_partial(self, step: int, losses: list[float]) -> None:
+        """The losses of a window cut short (SIGTERM), marked partial, so that the
+        resumed run completes the window (see partial_window)."""
+        if not self.enabled or not losses:
+            return
+        record = {"step": step, "partial": True, "loss": sum(losses) / len(losses),
+                  "window_losses": [float(x) for x in losses]}  # fmt: skip
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def partial_window(self, step: int) -> list[float]:
+        """The losses of the window cut short at `step` (the resumed-from step), or []."""
+        if not self.path.exists():
+            return []
+        last = (_records(self.path) or [{}])[-1]
+        return last.get("window_losses", []) if last.get("step") == step else []
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

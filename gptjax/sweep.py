@@ -337,20 +337,23 @@ def run_all(sweep: Sweep) -> list[dict]:
     whose loss goes non-finite is recorded as diverged and the sweep goes on.
     """
     from gptjax import train
+    from gptjax.workdir import claim
 
-    for i, run in enumerate(sweep.runs):
-        _check_record(sweep, run)
-        if result_of(sweep, run) is not None:
-            print(f"[{i + 1}/{len(sweep.runs)}] {run.name}: finished, skipped", flush=True)
-            continue
-        print(f"[{i + 1}/{len(sweep.runs)}] {run.name}: {' '.join(sweep.command(run))}", flush=True)
-        try:
-            train.train(sweep.config(run), sweep.workdir(run))
-        except train.NonFiniteLoss as e:
-            print(f"{run.name}: diverged ({e})", flush=True)
-            write_text_atomic(sweep.workdir(run) / "diverged", str(e) + "\n")
-        write_results(sweep)
-    return write_results(sweep)
+    with claim(sweep.out, "sweep"):  # one sweep at a time in its directory
+        for i, run in enumerate(sweep.runs):
+            _check_record(sweep, run)
+            if result_of(sweep, run) is not None:
+                print(f"[{i + 1}/{len(sweep.runs)}] {run.name}: finished, skipped", flush=True)
+                continue
+            command = " ".join(sweep.command(run))
+            print(f"[{i + 1}/{len(sweep.runs)}] {run.name}: {command}", flush=True)
+            try:
+                train.train(sweep.config(run), sweep.workdir(run))
+            except train.NonFiniteLoss as e:
+                print(f"{run.name}: diverged ({e})", flush=True)
+                write_text_atomic(sweep.workdir(run) / "diverged", str(e) + "\n")
+            write_results(sweep)
+        return write_results(sweep)
 
 
 def print_commands(sweep: Sweep, stream=None) -> None:

@@ -34,6 +34,7 @@ from gptjax.distributed import primary_first
 from gptjax.loop import NonFiniteLoss, Preempted, PreemptionFlag, Progress
 from gptjax.optim import lr_schedule, make_optimizer
 from gptjax.tokenizer import tokenizer_from_record
+from gptjax.workdir import claim
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +188,8 @@ def _global_batch(local_KxBxL1: np.ndarray, batch_sh) -> jax.Array:
 
 
 def train(cfg: Config, workdir: str | Path) -> dict:
-    """Pretrain (or resume) in workdir. Returns a summary dict."""
-    workdir = Path(workdir)
+    """Pretrain (or resume) in workdir, which this run owns meanwhile (a second run
+    there is a WorkdirError). Returns a summary dict."""
     # A prepared directory brings its own tokenizer.
     if cfg.tokenizer.kind == "gpt2" and not cfg.tokenizer.path and not data.prepared_dir(cfg.data):
         raise config_lib.ConfigError(
@@ -196,10 +197,21 @@ def train(cfg: Config, workdir: str | Path) -> dict:
             "vocab.bpe (--config.tokenizer.path=DIR)"
         )
     sharding.mesh_shape(cfg.mesh, jax.device_count())  # before any data work: fail at once
-    workdir.mkdir(parents=True, exist_ok=True)
+    with claim(workdir, "train"):
+        return _train(cfg, Path(workdir))
+
+
+def _train(cfg: Config, workdir: Path) -> dict:
     primary = jax.process_index() == 0
-    ckpt = Checkpointer(checkpoint_dir(workdir), cfg.checkpoint)
-    resuming = bool(ckpt.steps())
+    # No checkpoints/ until the data is ready: a run that fails before leaves none.
+    ckdir = checkpoint_dir(workdir)
+    ckpt = Checkpointer(ckdir, cfg.checkpoint) if ckdir.is_dir() else None
+    resuming = bool(ckpt and ckpt.steps())
+    if cfg.train.init_from and not resuming:
+        try:  # a missing or unreadable one fails before any data work
+            read_checkpoint_json(cfg.train.init_from)
+        except CheckpointError as e:
+            raise CheckpointError(f"train.init_from={cfg.train.init_from}: {e}") from None
 
     # The tokenizer of a resumed run is the one its checkpoint recorded.
     # Process 0 trains the tokenizer and builds the token cache before the others read
@@ -220,6 +232,7 @@ def train(cfg: Config, workdir: str | Path) -> dict:
             tokenizer = data.get_tokenizer(cfg, workdir)
         cfg = resolve_vocab(cfg, tokenizer.vocab_size)
         train_src, val_src = data.load_splits(cfg, tokenizer, workdir)
+    ckpt = ckpt or Checkpointer(ckdir, cfg.checkpoint)
 
     mesh = sharding.make_mesh(cfg.mesh)
     t = cfg.train
@@ -285,7 +298,9 @@ def train(cfg: Config, workdir: str | Path) -> dict:
         writer = metrics.MetricsWriter(workdir, start_step, enabled=primary)
 
         pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet read
-        flush_held: list[tuple[int, dict]] = []  # read at a checkpoint, not yet logged
+        # Read at a checkpoint, not yet logged; on resume, the losses of a window that
+        # SIGTERM cut short, so the next record averages the steps an uninterrupted run's does.
+        flush_held = [(start_step, {"loss": x}) for x in writer.partial_window(start_step)]
 
         def flush_pending() -> list[tuple[int, dict]]:
             return loop.drain(
@@ -315,6 +330,7 @@ def train(cfg: Config, workdir: str | Path) -> dict:
                     k = microbatches_at(cfg, step)
                     local = np.stack([next(train_iter) for _ in range(k)])
                     state, m = step_fn(state, _global_batch(local, batch_sh))
+                    ckpt.check_saved()  # a failed background save stops the run here
                     pending.append((step + 1, m))
                     xla_cpu.throttle(pending)  # step N+1 queued before step N waited for
                     done = step + 1
@@ -348,8 +364,12 @@ def train(cfg: Config, workdir: str | Path) -> dict:
                     if saved:
                         save(done)
                     loop.stop_if_preempted(
-                        sigterm, done, saved=saved, save=save, ckpt=ckpt, why="SIGTERM"
-                    )
+                        sigterm, done, saved=saved, save=save, ckpt=ckpt, why="SIGTERM",
+                        # the steps since the last record: a partial window, for the resume
+                        on_stop=lambda s: writer.write_partial(
+                            s, [float(x["loss"]) for _, x in flush_held]
+                        ),
+                    )  # fmt: skip
                 ckpt.wait()
             finally:
                 progress.close()

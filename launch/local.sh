@@ -9,7 +9,8 @@
 # added when they set no device count (4 CPU devices per process), the same
 # free coordinator port on 127.0.0.1, and its JAX_PROCESS_ID; its output is prefixed
 # with "[i] ". If any process fails the others are stopped (SIGTERM, then SIGKILL after
-# LOCAL_KILL_GRACE seconds, default 10) and this script exits with the failing status.
+# LOCAL_KILL_GRACE seconds, default 10) and this script names the first process that
+# failed and exits with its status (128+N for signal N: 137 after kill -9).
 # SIGINT/SIGTERM sent to this script reach every process as SIGTERM (preemption: a
 # training run saves a checkpoint; SIGKILL after LOCAL_STOP_GRACE seconds, default 120).
 # Environment: PYTHON (default python3), XLA_FLAGS, JAX_PLATFORMS (default cpu), LOCAL_PORT.
@@ -59,26 +60,35 @@ stop_all() {  # stop_all GRACE: SIGTERM every live process, SIGKILL what is left
 
 trap 'echo "local.sh: interrupted; stopping all processes" >&2; stop_all "${LOCAL_STOP_GRACE:-120}"; exit 143' INT TERM
 
-while :; do
-  alive=0
-  for i in "${!pids[@]}"; do
-    pid=${pids[$i]}
-    [[ -z $pid ]] && continue
-    if kill -0 "$pid" 2>/dev/null; then
-      alive=1
-      continue
-    fi
-    wait "$pid"
-    rc=$?
-    pids[i]=""
-    if ((rc != 0)); then
-      echo "local.sh: process $i exited with status $rc; stopping the others" >&2
-      stop_all "${LOCAL_KILL_GRACE:-10}"
-      exit "$rc"
-    fi
-  done
-  ((alive)) || break
-  sleep 0.2
+# The first process to end with a failure is the one to blame (the others' collectives
+# fail because of it): `wait -n` reports processes in the order they end.
+left=$n
+while ((left > 0)); do
+  live=()
+  for pid in "${pids[@]}"; do [[ -n $pid ]] && live+=("$pid"); done
+  ended=""
+  wait -n -p ended "${live[@]}"
+  rc=$?
+  [[ -z $ended ]] && continue
+  for i in "${!pids[@]}"; do [[ ${pids[$i]} == "$ended" ]] && break; done
+  pids[i]=""
+  left=$((left - 1))
+  if ((rc != 0)); then
+    # Processes that ended together are reaped in any order: a signal's victim, not a
+    # process whose collective failed (status 1) because of it, is the one to blame.
+    for j in "${!pids[@]}"; do
+      [[ -z ${pids[$j]} ]] || kill -0 "${pids[$j]}" 2>/dev/null && continue
+      wait "${pids[$j]}"
+      rc_j=$?
+      pids[j]=""
+      if ((rc_j > 128 && rc <= 128)); then i=$j rc=$rc_j; fi
+    done
+    how="status $rc"
+    if ((rc > 128)) && sig=$(kill -l $((rc - 128)) 2>/dev/null); then how+=" (SIG$sig)"; fi
+    echo "local.sh: process $i failed first: $how; stopping the others" >&2
+    stop_all "${LOCAL_KILL_GRACE:-10}"
+    exit "$rc"
+  fi
 done
 wait  # the output prefixers
 exit 0

@@ -604,3 +604,72 @@ def test_cli_convert_then_greedy_generation_matches_transformers(
     assert capsys.readouterr().out.strip() == ",".join(map(str, want))
     assert cli.main(["convert", "--to", "hf-gpt2", "--input", str(tmp_path / "missing"),
                      "--output", str(tmp_path / "out")]) == 2  # fmt: skip
+
+
+class _Marker:
+    """Unpickling this would create a file: proof that nothing was executed."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _cli_convert(*argv) -> tuple[int, str]:
+    out = subprocess.run([sys.executable, "-m", "gptjax", "convert", *map(str, argv)],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    return out.returncode, out.stderr
+
+
+def test_a_plain_pickle_in_pytorch_model_bin_is_named_as_such(tmp_path):
+    """Not a torch.save file but pickle.dump (of tensors' lists, or of an object that
+    would run code): refused as what it is, never unpickled, never called truncated."""
+    import pickle
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    config = dict(model_type="gpt2", n_layer=1, n_embd=8, n_head=2, n_positions=4, vocab_size=10)
+    (d / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "executed"
+    for payload in ({"wte.weight": [[0.0] * 8] * 10}, {"wte.weight": _Marker(str(marker))}):
+        (d / "pytorch_model.bin").write_bytes(pickle.dumps(payload, protocol=2))
+        rc, err = _cli_convert("--from", "hf-gpt2", "--input", d, "--output", tmp_path / "out")
+        assert rc == 2, err
+        assert err.strip().splitlines() == [
+            f"gptjax: {d / 'pytorch_model.bin'}: not a torch.save file (a plain pickle): "
+            "pickled objects refused"
+        ], err
+        assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_pytorch_bin_without_torch_says_which_extra(tmp_path, torch, transformers):
+    """With torch unimportable: a pytorch_model.bin is one line naming the `reference`
+    extra; the same model as safetensors converts without torch."""
+    hf = random_gpt2(seed=6, n_layer=1, n_embd=32, n_head=2, n_positions=16, vocab_size=50)
+    hf.save_pretrained(tmp_path / "st")
+    (tmp_path / "bin").mkdir()
+    shutil.copy(tmp_path / "st" / "config.json", tmp_path / "bin")
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    no_torch = (
+        "import sys; sys.modules['torch'] = None; from gptjax import cli; "
+        "sys.exit(cli.main(['convert', '--from', 'hf-gpt2', '--input', sys.argv[1], "
+        "'--output', sys.argv[2]]))"
+    )
+    for name, want_rc in (("bin", 2), ("st", 0)):
+        out = subprocess.run(
+            [sys.executable, "-c", no_torch, str(tmp_path / name), str(tmp_path / f"{name}_out")],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert out.returncode == want_rc, out.stderr[-3000:]
+        if name == "bin":
+            bin_path = tmp_path / "bin" / "pytorch_model.bin"
+            assert out.stderr.strip().splitlines() == [
+                f"gptjax: {bin_path}: .bin weights need torch: install the `reference` extra "
+                "(pip install 'gptjax[reference]') or torch; model.safetensors needs nothing "
+                "more"
+            ], out.stderr
+    np.testing.assert_array_equal(
+        load_params(tmp_path / "st_out")[1]["wte"][:50],
+        hf.transformer.wte.weight.detach().numpy(),
+    )

@@ -567,3 +567,24 @@ def test_random_init_ablation_uses_the_checkpoints_architecture(shared_data, pre
     assert all(r["lm_loss"] == 0.0 for r in read_metrics(tmp_path) if "lm_loss" in r)
     with pytest.raises(CheckpointError, match="not a pretraining"):
         ft.finetune(ft_config(shared_data, tmp_path), tmp_path / "again")
+
+
+def test_a_non_finite_loss_is_never_checkpointed(shared_data, pretrained, tmp_path):
+    """Checkpoints every step, logs every 100: the loss goes NaN between two log steps,
+    yet no checkpoint holds a state after it (the losses are checked before each save)."""
+    cfg = ft_config(shared_data, pretrained, warmup_fraction=0.0)
+    cfg = dataclasses.replace(
+        cfg,
+        finetune=dataclasses.replace(cfg.finetune, log_every=100),
+        optim=dataclasses.replace(cfg.optim, lr=1e12, clip_norm=0.0),
+        checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=1, keep=100),
+    )
+    with pytest.raises(train.NonFiniteLoss):
+        ft.finetune(cfg, tmp_path)
+    from gptjax.checkpoint import Checkpointer, checkpoint_dir, load_params
+
+    steps = Checkpointer(checkpoint_dir(tmp_path)).steps()
+    assert steps, "no checkpoint before the loss went non-finite"
+    for step in steps:
+        _, params, _ = load_params(tmp_path / "checkpoints" / str(step))
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params)), step

@@ -13,7 +13,9 @@ Which losses must be bit-identical, and why:
   reduction orders) it is close, not equal: rtol 1e-5, as in test_train's reshard test.
 """
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -249,9 +251,31 @@ def test_local_sh_stops_everyone_when_one_fails(tmp_path):
     assert time.monotonic() - start < 30
     assert "[1] args -m gptjax train --x / 1 of 2 at 127.0.0.1:" in out.stdout, out.stdout
     assert "--xla_force_host_platform_device_count=4" in out.stdout  # the default
-    assert "process 1 exited with status 7; stopping the others" in out.stderr
+    assert "process 1 failed first: status 7; stopping the others" in out.stderr
     pid0 = int((tmp_path / "pid0").read_text())
     assert not Path(f"/proc/{pid0}").exists()  # process 0 was killed, not left behind
+
+
+def test_local_sh_blames_a_killed_process_not_the_one_failing_after_it(tmp_path):
+    """Process 1 is killed (-9); process 0, whose collectives break, exits 1 as soon as
+    process 1 is dead (a zombie): local.sh names process 1 and SIGKILL, exits 137."""
+    fake = tmp_path / "fake_python"
+    p1 = tmp_path / "pid1"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = -c ]; then exec "{sys.executable}" "$@"; fi\n'  # local.sh's free port
+        f'if [ "$JAX_PROCESS_ID" = 1 ]; then echo $$ > "{p1}"; sleep 0.5; kill -9 $$; fi\n'
+        f'while [ ! -s "{p1}" ]; do sleep 0.01; done\n'
+        f'p=$(cat "{p1}")\n'
+        "while [ -e /proc/$p ] && ! grep -q ') Z' /proc/$p/stat; do :; done\n"
+        "exit 1\n"
+    )
+    fake.chmod(0o755)
+    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHON": str(fake)}
+    out = subprocess.run([str(LOCAL), "2", "train"], env=e, capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert out.returncode == 137, out
+    assert "local.sh: process 1 failed first: status 137 (SIGKILL)" in out.stderr, out.stderr
 
 
 def test_local_sh_keeps_the_xla_flags_given_and_4_devices_by_default(tmp_path):
@@ -337,3 +361,63 @@ def test_process_rows_make_up_the_one_process_batches(monkeypatch):
     resumed.set_state(states[0])
     for k in range(5, 8):
         np.testing.assert_array_equal(next(resumed), want[k])
+
+
+@contextlib.contextmanager
+def training_under_local_sh(workdir: Path, flags: list[str], log: Path):
+    """local.sh 2 training for ever (its output in `log`, in its own process group),
+    yielded once it has logged step 2; killed on the way out if still running."""
+    long = ("train.steps", "train.eval_every", "checkpoint.every_steps")
+    cmd = [str(LOCAL), "2", "train", "--workdir", str(workdir), *flags]
+    cmd += [f"--config.{k}=100000" for k in long]
+    proc = subprocess.Popen(cmd, env=env(4) | {"LOCAL_KILL_GRACE": "5"}, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while last_step(workdir) < 2:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no step 2 in 240 s"
+            time.sleep(0.1)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_local_sh_blames_the_first_process_to_die(tmp_path, sp_model, corpus, token_cache):
+    """kill -9 of process 1: local.sh names process 1 and SIGKILL and exits 137; the
+    survivor, whose collectives fail, prints one line and no traceback."""
+    log = tmp_path / "local.log"
+    flags = config_flags(sp_model, corpus, token_cache)
+    with training_under_local_sh(tmp_path / "w", flags, log) as proc:
+        pids = re.findall(r"local.sh: process \d of 2: pid (\d+)", log.read_text())
+        os.kill(int(pids[1]), signal.SIGKILL)
+        proc.wait(timeout=120)
+    out = log.read_text()
+    assert proc.returncode == 137, out[-3000:]
+    assert "local.sh: process 1 failed first: status 137 (SIGKILL); stopping the others" in out
+    survivor = [line for line in out.splitlines() if line.startswith("[0] ")]
+    assert not any("Traceback" in line for line in survivor), out[-3000:]
+    assert len([line for line in survivor if line.startswith("[0] gptjax: process")]) <= 1
+
+
+def test_sigterm_to_local_sh_saves_one_step_on_every_process(
+    tmp_path, sp_model, corpus, token_cache
+):
+    """SIGTERM (a scheduler's preemption notice) to launch/local.sh 2: every process
+    stops at the same step and saves it (launch/README.md, Preemption), status 143."""
+    log = tmp_path / "local.log"
+    flags = config_flags(sp_model, corpus, token_cache)
+    with training_under_local_sh(tmp_path / "w", flags, log) as proc:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=200)
+    out = log.read_text()
+    assert proc.returncode == 143, out[-3000:]
+    steps = Checkpointer(checkpoint_dir(tmp_path / "w")).steps()
+    assert len(steps) == 1, out[-3000:]
+    for i in range(2):  # each process reports the same step, saved
+        assert f"[{i}] gptjax: SIGTERM at step {steps[0]}: checkpoint saved" in out, out[-3000:]
+    # Both processes wrote their part: the step restores in one process.
+    _, params, _ = load_params(tmp_path / "w")
+    assert jax.tree.leaves(params)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -329,3 +330,140 @@ def test_quickstart_main_job_end_to_end(tmp_path, capsys):
         assert (workdir / artifact).exists(), artifact
     assert Checkpointer(checkpoint_dir(workdir)).steps() == [6]
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_sigterm_while_preparing_data_is_one_line_and_143(tiny, tmp_path, corpus):
+    """SIGTERM while the corpus is tokenised (thousands of documents, a fresh cache): one
+    line, status 143, and nothing left behind (no checkpoints/, no partial cache)."""
+    docs = corpus.read_text().split("\n\n")
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs * 40))
+    cache = tmp_path / "cache"
+    cfg = tiny(data=dict(sources=(str(big),), cache_dir=str(cache)))
+    log = tmp_path / "stderr"
+    proc = subprocess.Popen(  # unbuffered: the progress bar's first line is seen at once
+        gptjax_cmd(cfg, tmp_path / "w"),
+        env=subprocess_env() | {"PYTHONUNBUFFERED": "1"},
+        stderr=log.open("w"),
+    )
+    deadline = time.monotonic() + 120
+    while "tokenizing" not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "tokenising did not start in 120 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    stderr = log.read_text()
+    assert proc.returncode == 143, stderr[-3000:]
+    # (after the progress bar's unfinished line)
+    lines = [
+        "gptjax:" + line.split("gptjax:", 1)[1] for line in stderr.splitlines() if "gptjax:" in line
+    ]
+    assert lines == [
+        "gptjax: SIGTERM outside the training steps (preparing data, compiling or finishing): "
+        "stopped, nothing new saved; re-run to resume"
+    ], stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()
+    assert not list(cache.glob(".tmp-*"))
+
+
+def test_a_missing_init_from_is_reported_before_the_data_and_leaves_no_checkpoints(
+    tiny, tmp_path, capsys
+):
+    from gptjax import cli
+
+    missing_corpus = tmp_path / "missing.txt"  # a DataError, if the data came first
+    cfg = tiny(data=dict(sources=(str(missing_corpus),)), train=dict(init_from=str(tmp_path / "x")))
+    argv = ["train", "--config", str(REPO / "configs/quickstart.py"), "--workdir"]
+    capsys.readouterr()
+    assert cli.main([*argv, str(tmp_path / "a"), *as_overrides(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"gptjax: train.init_from={tmp_path / 'x'}: checkpoint not found" in err, err
+    # Without it, the data's own error; no empty checkpoints/ is left either way.
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=""))
+    assert cli.main([*argv, str(tmp_path / "b"), *as_overrides(cfg)]) == 2
+    assert "file not found" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_sigterm_resume_logs_the_windows_of_an_uninterrupted_run(tiny, tmp_path):
+    """log_every=7: SIGTERM mid-window flushes the partial window (marked partial); the
+    resumed run's first record averages the same 7 steps as an uninterrupted run's."""
+    cfg = tiny(train=dict(steps=30, log_every=7), optim=dict(decay_steps=30),
+               checkpoint=dict(every_steps=1000))  # fmt: skip
+    straight = tmp_path / "straight"
+    subprocess.run(gptjax_cmd(cfg, straight), env=subprocess_env(), check=True, capture_output=True)
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(
+        gptjax_cmd(cfg, stopped), env=subprocess_env(), stderr=subprocess.PIPE, text=True
+    )
+    wait_for_step(stopped, 7, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    (saved,) = Checkpointer(checkpoint_dir(stopped)).steps()
+    partial = [r for r in read_metrics(stopped) if r.get("partial")]
+    if saved % 7:
+        assert [r["step"] for r in partial] == [saved]
+        assert len(partial[0]["window_losses"]) == saved % 7
+    subprocess.run(gptjax_cmd(cfg, stopped), env=subprocess_env(), check=True, capture_output=True)
+    full = [r for r in read_metrics(stopped) if not r.get("partial")]
+    assert [r["step"] for r in full] == [r["step"] for r in read_metrics(straight)]
+    assert {r["step"]: r["loss"] for r in full} == losses(straight)
+
+
+def fill_disk(directory: Path, leave: int) -> Path:
+    """A file taking all but `leave` bytes of directory's filesystem."""
+    filler = directory / "filler"
+    st = os.statvfs(directory)
+    with filler.open("wb") as f:
+        os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize - leave)
+    return filler
+
+
+def test_disk_full_during_an_async_save_is_one_line_and_the_last_checkpoint_survives(
+    tiny, tmp_path
+):
+    """A real full filesystem (a 16 MiB tmpfs): the async save of step 6 fails; the run
+    stops at a step boundary soon after, not at its end, with one line naming the path
+    and the free space, status 1; step 4 stays intact; the next run cleans the torn
+    temporary directory and finishes."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        workdir = disk / "w"
+        cfg = tiny(train=dict(steps=4, log_every=1), checkpoint=dict(every_steps=2, keep=10))
+        subprocess.run(gptjax_cmd(cfg, workdir), env=subprocess_env(), check=True,
+                       capture_output=True)  # fmt: skip
+        longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=200))
+        filler = fill_disk(disk, leave=256 * 1024)  # room for metrics, not a checkpoint
+        out = subprocess.run(gptjax_cmd(longer, workdir), env=subprocess_env(),
+                             capture_output=True, text=True)  # fmt: skip
+        assert out.returncode == 1, out.stderr[-3000:]
+        lines = [line for line in out.stderr.splitlines() if "gptjax:" in line]
+        assert len(lines) == 1, out.stderr[-3000:]
+        assert re.search(
+            rf"gptjax: checkpoint step 6 could not be written to {workdir / 'checkpoints'}: "
+            r"no space left on device \(\d+\.\d MiB free there\); the last complete "
+            r"checkpoint is step 4",
+            lines[0],
+        ), lines[0]
+        assert out.stderr.count("Traceback") == 0, out.stderr[-3000:]
+        assert max(losses(workdir)) < 200  # stopped at a step boundary, not at the end
+        assert Checkpointer(checkpoint_dir(workdir)).steps() == [2, 4]
+        filler.unlink()
+        eight = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=8))
+        again = subprocess.run(gptjax_cmd(eight, workdir), env=subprocess_env(),
+                               capture_output=True, text=True)  # fmt: skip
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "steps 4->8" in again.stdout
+        assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+        assert Checkpointer(checkpoint_dir(workdir)).steps() == [2, 4, 6, 8]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

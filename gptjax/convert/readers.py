@@ -163,13 +163,43 @@ def _torch_bin_truncation(path: Path) -> str:
     return ""
 
 
+TORCH_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a legacy torch.save file
+
+
+def _plain_pickle(path: Path) -> bool:
+    """Whether the file is a pickle but not torch.save's (whose zip format starts "PK" and
+    whose legacy format starts with a pickle of TORCH_MAGIC): read with pickletools,
+    nothing executed. A first pickle cut short is not called plain."""
+    import pickletools
+
+    with open(path, "rb") as f:
+        if f.read(2) == b"PK":
+            return False
+        f.seek(0)
+        try:
+            args = [arg for op, arg, _ in pickletools.genops(f) if op.name != "PROTO"]
+        except Exception:  # not a pickle, or cut short
+            return False
+    return [a for a in args if a is not None] != [TORCH_MAGIC]
+
+
 def _read_torch_bin(path: Path) -> dict[str, Tensor]:
     """A pytorch_model.bin, loaded with weights_only=True: tensors only, no pickled code.
     A failure is reported as truncation when the file's structure is cut short, as a
     refusal when it pickles objects other than tensors, else as unreadable."""
     import pickle
 
-    import torch
+    if _plain_pickle(path):
+        raise ConvertError(
+            f"{path}: not a torch.save file (a plain pickle): pickled objects refused"
+        )
+    try:
+        import torch
+    except ImportError:
+        raise ConvertError(
+            f"{path}: .bin weights need torch: install the `reference` extra (pip install "
+            "'gptjax[reference]') or torch; model.safetensors needs nothing more"
+        ) from None
 
     state = None
     for mmap in (True, False):  # mmap needs the zip format; older files are read whole
