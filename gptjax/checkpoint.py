@@ -260,7 +260,8 @@ class Checkpointer:
         finally:
             for name in ("absl", "asyncio"):
                 logging.getLogger(name).removeFilter(self._echoes)
-            if sys.excepthook == self._quiet_excepthook:
+            # After a failure the echoes go on after close (the process is leaving).
+            if sys.excepthook == self._quiet_excepthook and not self._failed:
                 sys.excepthook = self._excepthook
 
     def _quiet_excepthook(self, kind, value, tb) -> None:
