@@ -138,6 +138,10 @@ class MeshConfig:
     data: int = -1  # -1: all devices left over
     fsdp: int = 1
     tensor: int = 1
+    # TPU slices joined over the data-center network (DCN): the data axis is split
+    # slices x (data / slices), slices outermost, so only the gradient reduction
+    # crosses DCN; fsdp and tensor stay inside a slice's ICI torus.
+    slices: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -550,9 +550,10 @@ def flops_per_token(cfg: ModelConfig) -> float:
     """Training FLOPs per token: 6 N (non-embedding weights) + 6 D V (the LM head matmul)
     + attention scores and values, 12 n_layer d_attn L_eff, where L_eff is the mean
     number of keys a query attends to (causal: (L+1)/2; a band of w: about w), i.e.
-    only the computed half of causal attention is counted."""
+    only the computed half of causal attention is counted. An untied head is already
+    in N (it is not an embedding), so only a tied one adds its 6 D V."""
     n = non_embedding_params(cfg)
-    head = cfg.d_model * cfg.padded_vocab
+    head = cfg.d_model * cfg.padded_vocab if cfg.tie_embeddings else 0
     d_attn = cfg.n_head * cfg.head_dim
     attn = 0.0
     for layer in range(cfg.n_layer):

@@ -106,12 +106,34 @@ def make_mesh(cfg: MeshConfig | str, devices=None) -> Mesh:
         if text is None:
             raise
         raise ConfigError(f"--mesh {text!r}: {e}") from None
+    if cfg.slices != 1:
+        return multislice_mesh(shape, cfg.slices, devices)
     return jax.make_mesh(
         shape,
         MESH_AXES,
         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
         devices=devices,
     )
+
+
+def multislice_mesh(shape: tuple[int, int, int], slices: int, devices) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `slices` TPU slices: the data axis is
+    slices x (data / slices) with the slices outermost, so a data-parallel all-reduce
+    is the only collective that crosses the data-center network."""
+    from jax.experimental import mesh_utils
+
+    data, fsdp, tensor = shape
+    if slices < 1 or data % slices:
+        raise ConfigError(f"mesh.slices={slices} must divide the data axis ({data})")
+    found = {getattr(d, "slice_index", None) for d in devices}
+    if None in found or len(found) != slices:
+        raise ConfigError(
+            f"mesh.slices={slices} but the devices come from {len(found - {None}) or 1} slice(s)"
+        )
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (data // slices, fsdp, tensor), (slices, 1, 1), devices
+    )
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_to_spec(logical_axes, shape, mesh: Mesh) -> P:
@@ -151,13 +173,22 @@ def state_shardings(abstract_state, param_sh, mesh: Mesh, tx):
     import optax
 
     replicated = NamedSharding(mesh, P())
-    opt_sh = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abstract_state.opt_state,
-        param_sh,
-        transform_non_params=lambda _: replicated,
+    # tree_map_params runs tx.init on placeholders, eagerly (its step counters): traced
+    # under eval_shape here, so that it creates no array on the current mesh's devices
+    # (a plan for a TPU topology traces this under a mesh of compile-only devices).
+    found = []
+    jax.eval_shape(
+        lambda: found.append(
+            optax.tree_map_params(
+                tx,
+                lambda _, s: s,
+                abstract_state.opt_state,
+                param_sh,
+                transform_non_params=lambda _: replicated,
+            )
+        )
     )
+    opt_sh = found[0]
     return dataclasses.replace(
         abstract_state, step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated
     )

@@ -53,9 +53,9 @@ def state_shardings(cfg: Config, mesh, tx):
     """(abstract TrainState, its shardings), derived from eval_shape and the rules table."""
     graphdef, abstract_params = model.abstract_model(cfg.model)
     param_sh = sharding.param_shardings(abstract_params, mesh)
-    abstract = jax.eval_shape(
-        lambda k: _init_state(cfg, tx, k), jax.random.key_data(jax.random.key(0))
-    )
+    # The key is made inside eval_shape too: nothing here may touch a device (a plan
+    # for a TPU topology traces this on devices that only exist to be compiled for).
+    abstract = jax.eval_shape(lambda: _init_state(cfg, tx, jax.random.key_data(jax.random.key(0))))
     return graphdef, abstract, sharding.state_shardings(abstract, param_sh, mesh, tx)
 
 
@@ -334,7 +334,7 @@ def train(cfg: Config, workdir: str | Path) -> dict:
                             "lr": float(got[-1][1]["lr"]),
                             "grad_norm": float(got[-1][1]["grad_norm"]),
                             "tokens_per_sec": tps,
-                            "mfu": tps * flops_tok / peak if peak else 0.0,
+                            "mfu": metrics.mfu(tps, flops_tok, peak),
                         }
                         if evaluating:
                             val_loss = evaluate(state.params)

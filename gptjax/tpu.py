@@ -1,0 +1,334 @@
+"""Ahead-of-time compiles for TPU slices with libtpu, on a machine without a TPU.
+
+libtpu (the `tpu` extra) compiles for any TPU topology from its description, the way
+MaxText's train_compile checks a job before the hardware is rented: the devices of
+`jax.experimental.topologies.get_topology_desc` carry real device kinds and torus
+coordinates but cannot run anything, so everything traced for them is abstract (the
+train state comes from eval_shape, keys included). Eager work stays on the CPU
+(JAX_PLATFORMS=cpu).
+
+Topologies are named as libtpu names them, generation:chips-per-axis. Cloud TPU slice
+names map to them as: v4-N (N TensorCores) = v4 with N/2 chips, e.g. v4-128 = v4:4x4x4;
+v5litepod-N = v5e with N chips, e.g. v5litepod-256 = v5e:16x16; v5p-N (N TensorCores) =
+v5p with N/2 chips, e.g. v5p-2048 = v5p:8x8x16; v6e-N = v6e with N chips, e.g. v6e-256
+= v6e:16x16. A v4 or v5p device is one chip (megacore), as on the real hardware.
+
+The memory is libtpu's own buffer assignment of the SPMD program for one chip (no
+extrapolation: it compiles for thousands of chips). cost_analysis() counts the body of
+a loop once (the microbatch scan, the scan over layers), so the compiled FLOPs of a step
+come from two extra compiles of one microbatch with the layers unrolled, one and two
+layer groups deep: their difference is one group's FLOPs, scaled to every group and
+microbatch (the optimizer update, a few FLOPs per parameter, is counted once per
+microbatch: negligible next to 6 N per token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import importlib.metadata
+import importlib.util
+import math
+import os
+import re
+import sys
+import time
+
+from gptjax import metrics, model, plan, sharding
+from gptjax.config import Config, ConfigError, MeshConfig
+
+# libtpu generation -> (chip config, slice shapes offered, smallest first). The shapes
+# are the Cloud TPU slice shapes `--search` walks through.
+GENERATIONS = {
+    "v4": ("megacore", ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8",
+                        "8x8x8", "8x8x12", "8x8x16", "8x16x16")),
+    "v5e": ("default", ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")),
+    "v5p": ("default", ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8",
+                        "8x8x8", "8x8x16", "8x16x16", "16x16x16")),
+    "v6e": ("default", ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")),
+}  # fmt: skip
+LIBTPU_MISSING = "libtpu is not installed: pip install -e '.[tpu]'"
+
+
+def available() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def libtpu_version() -> str:
+    return importlib.metadata.version("libtpu")
+
+
+def parse_topology(text: str) -> tuple[str, str]:
+    """(generation, shape) of `v5p:8x8x16`; a bare generation (`v5p`) has shape ''."""
+    gen, _, shape = text.strip().lower().partition(":")
+    if gen not in GENERATIONS:
+        raise plan.PlanError(
+            f"--tpu {text!r}: the generation must be one of {', '.join(GENERATIONS)} "
+            f"(e.g. v5p:8x8x16, v5e:16x16)"
+        )
+    dims = 3 if GENERATIONS[gen][1][0].count("x") == 2 else 2
+    if shape and not re.fullmatch(r"\d+" + r"x\d+" * (dims - 1), shape):
+        raise plan.PlanError(
+            f"--tpu {text!r}: {gen} takes {dims} chip counts, e.g. {gen}:{GENERATIONS[gen][1][1]}"
+        )
+    return gen, shape
+
+
+def chips(shape: str) -> int:
+    return math.prod(int(x) for x in shape.split("x"))
+
+
+def _quiet_libtpu() -> None:
+    """Stop libtpu asking GCE's metadata server who it runs on, which on a machine without
+    a TPU prints 'could not determine TPU accelerator type / worker hostnames' warnings
+    (compiling needs neither). Only where no TPU chip is attached (no /dev/accel*,
+    /dev/vfio/N): on a TPU VM the real values stay in charge."""
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")  # any valid name: unused
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
+@functools.cache
+def topology_devices(topology: str, slices: int = 1) -> tuple:
+    """The devices of `slices` slices of `topology` (each with device_kind, coords and,
+    for several slices, slice_index), to compile for."""
+    if not available():
+        raise plan.PlanError(LIBTPU_MISSING)
+    gen, shape = parse_topology(topology)
+    if not shape:
+        raise plan.PlanError(
+            f"--tpu {topology!r}: give a shape, e.g. {gen}:{GENERATIONS[gen][1][2]}"
+        )
+    _quiet_libtpu()
+    from jax.experimental import topologies
+
+    dims = [int(x) for x in shape.split("x")] + [1]
+    bounds = tuple(min(b, d) for b, d in zip((2, 2, 1), dims, strict=False))
+    try:
+        desc = topologies.get_topology_desc(
+            platform="tpu",
+            topology_name=f"{gen}:{shape}",
+            chip_config_name=GENERATIONS[gen][0],
+            chips_per_host_bounds=bounds,
+            num_slices=slices,
+        )
+    except Exception as e:  # libtpu's own message says what it refused
+        raise plan.PlanError(f"libtpu refused topology {topology} x {slices}: {e}") from None
+    return tuple(desc.devices)
+
+
+def tpu_mesh(layout: plan.Layout, devices, slices: int = 1):
+    """sharding.make_mesh on topology devices: axes mapped onto the torus, the data axis
+    across slices; a PlanError where the torus cannot take the shape."""
+    cfg = MeshConfig(data=layout.data, fsdp=layout.fsdp, tensor=layout.tensor, slices=slices)
+    try:
+        return sharding.make_mesh(cfg, list(devices))
+    except (ValueError, NotImplementedError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise plan.PlanError(f"mesh {layout} does not map onto the TPU torus: {first}") from None
+
+
+def mesh_fits_torus(layout: plan.Layout, devices, slices: int = 1) -> bool:
+    try:
+        tpu_mesh(layout, devices, slices)
+    except (plan.PlanError, ConfigError):
+        return False
+    return True
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def step_flops(cfg: Config, layout: plan.Layout, mesh) -> float:
+    """Compiled FLOPs of one optimizer step over all chips (remat recomputation
+    included): one microbatch unrolled one and two layer groups deep (module docstring)."""
+    m, t = cfg.model, cfg.train
+    period = len(m.attention_windows)
+    if m.n_layer % period:
+        period = m.n_layer  # one group: the whole stack
+    groups = m.n_layer // period
+    micro = t.batch_size // t.microbatches
+
+    def compiled_flops(n_groups: int) -> float:
+        c = dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(m, n_layer=n_groups * period, scan_layers=False),
+            train=dataclasses.replace(t, microbatches=1, batch_size=micro, batch_ramp_start=0),
+        )
+        return _flops(plan.compile_step(c, layout, mesh=mesh)[0])
+
+    one = compiled_flops(1)
+    per_group = compiled_flops(2) - one if groups > 1 else 0.0
+    return (one + (groups - 1) * per_group) * t.microbatches * layout.devices
+
+
+def flops_note(cfg: Config, compiled_total: float, analytic: float) -> str:
+    return (
+        f"  FLOPs per step: compiled {compiled_total:.4g}, analytic {analytic:.4g} "
+        f"(model.flops_per_token, what MFU counts): ratio {compiled_total / analytic:.3f}"
+        f"{' (remat recomputes the forward pass)' if cfg.model.remat != 'none' else ''}"
+    )
+
+
+def plan_tpu(
+    cfg: Config,
+    layout: plan.Layout,
+    topology: str,
+    *,
+    slices: int = 1,
+    mfu: float = 0.4,
+    usable: float = plan.DEFAULT_USABLE,
+    flops: bool = True,
+) -> plan.Plan:
+    """Compile cfg's train step with libtpu for `slices` slices of `topology` on
+    `layout` and account its per-chip memory and time (flops: also the compiled FLOPs,
+    two more compiles)."""
+    devices = topology_devices(topology, slices)
+    if layout.devices != len(devices):
+        raise plan.PlanError(
+            f"mesh {layout} has {layout.devices} devices but {topology}"
+            f"{f' x {slices} slices' if slices > 1 else ''} has {len(devices)} chips"
+        )
+    t = cfg.train
+    microbatch = t.batch_size // t.microbatches
+    plan.check_layout(cfg, layout, microbatch)
+    mesh = tpu_mesh(layout, devices, slices)
+    start = time.perf_counter()
+    compiled, sizes = plan.compile_step(cfg, layout, mesh=mesh)
+    seconds = time.perf_counter() - start
+    xla = plan.xla_fields(compiled)
+    total = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"]
+    kind = devices[0].device_kind
+    device = metrics.device_info(kind)
+    tokens = t.batch_size * cfg.model.seq_len
+    analytic = model.flops_per_token(cfg.model) * tokens
+    gen = parse_topology(topology)[0]
+    notes = [
+        f"  compiled by libtpu {libtpu_version()} for TPU {gen}, {len(devices)} chips "
+        f"({topology}{f' x {slices} slices over DCN' if slices > 1 else ''}; device_kind "
+        f"{kind!r})"
+    ]
+    if flops:
+        notes.append(flops_note(cfg, step_flops(cfg, layout, mesh), analytic))
+    return plan.Plan(
+        layout=layout,
+        remat=cfg.model.remat,
+        microbatch=microbatch,
+        microbatches=t.microbatches,
+        params=sizes["params"],
+        opt_state=sizes["opt_state"],
+        temporaries=total - sizes["params"] - sizes["opt_state"],
+        total=total,
+        xla=xla,
+        method="compiled",
+        compile_seconds=seconds,
+        device=f"TPU {gen} ({kind})",
+        hbm=device.hbm_bytes,
+        usable=usable,
+        step_seconds=analytic / (layout.devices * device.peak_flops * mfu),
+        tokens_per_step=tokens,
+        mfu=mfu,
+        compiler=f"libtpu {libtpu_version()}",
+        notes=tuple(notes),
+        slices=slices,
+    )
+
+
+def search_tpu(
+    cfg: Config,
+    topology: str,
+    *,
+    slices: int = 1,
+    mfu: float = 0.4,
+    usable: float = plan.DEFAULT_USABLE,
+    max_tensor: int = 16,
+    remats: tuple[str, ...] = plan.REMATS,
+    log=print,
+) -> tuple[plan.Plan | None, list[plan.Plan]]:
+    """plan.search over the slice shapes of topology's generation, smallest first, up to
+    topology's (all of them for a bare generation), keeping only meshes the torus takes.
+    The chosen plan is compiled once more for its FLOPs."""
+    gen, shape = parse_topology(topology)
+    shapes = GENERATIONS[gen][1]
+    if shape:
+        shapes = [s for s in shapes if chips(s) <= chips(shape)]
+        if shape not in shapes:
+            shapes.append(shape)
+    by_count = {}
+    for s in shapes:
+        by_count.setdefault(chips(s) * slices, f"{gen}:{s}")
+    hbm = metrics.device_info(topology_devices(by_count[min(by_count)], slices)[0].device_kind)
+
+    def plan_fn(c: Config, layout: plan.Layout) -> plan.Plan:
+        return plan_tpu(
+            c, layout, by_count[layout.devices], slices=slices, mfu=mfu, usable=usable,
+            flops=False,
+        )  # fmt: skip
+
+    def layout_ok(layout: plan.Layout) -> bool:
+        devices = topology_devices(by_count[layout.devices], slices)
+        return mesh_fits_torus(layout, devices, slices)
+
+    best, tried = plan.search(
+        cfg,
+        usable=usable,
+        hbm=hbm.hbm_bytes,
+        max_tensor=max_tensor,
+        remats=remats,
+        log=log,
+        device_counts=sorted(by_count),
+        plan_fn=plan_fn,
+        layout_ok=layout_ok,
+        min_data=slices,
+    )
+    if best is not None:
+        c = plan.with_plan_settings(cfg, best.remat, best.microbatches)
+        devices = topology_devices(by_count[best.layout.devices], slices)
+        total = step_flops(c, best.layout, tpu_mesh(best.layout, devices, slices))
+        analytic = model.flops_per_token(c.model) * best.tokens_per_step
+        best = dataclasses.replace(best, notes=(*best.notes, flops_note(c, total, analytic)))
+    return best, tried
+
+
+def cli_plan(args, cfg: Config) -> int:
+    """`gptjax plan --tpu TOPOLOGY [--slices N] [--search]`: exit 0 fits, 1 does not, 2 error."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # eager work on the CPU; compiles for TPU
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    say = functools.partial(print, flush=True)
+    try:
+        if cfg.model.vocab_size <= 0:
+            raise plan.PlanError("set model.vocab_size (--config.model.vocab_size=N)")
+        if args.slices < 1:
+            raise plan.PlanError(f"--slices {args.slices}: must be at least 1")
+        if args.search:
+            say(f"searching for the smallest {args.tpu} slice that fits (x {args.slices}):")
+            best, _ = search_tpu(
+                cfg, args.tpu, slices=args.slices, mfu=args.mfu, usable=args.usable,
+                max_tensor=args.max_tensor, log=say,
+            )  # fmt: skip
+            if best is None:
+                say(f"gptjax: no slice up to {args.tpu} fits")
+                return 1
+            say(plan.format_plan(best, cfg))
+            return 0
+        gen, shape = parse_topology(args.tpu)
+        if not shape:
+            raise plan.PlanError(f"--tpu {args.tpu}: give a shape (e.g. {gen}:2x2) or --search")
+        n = chips(shape) * args.slices
+        if args.mesh:
+            layout = plan.resolve_layout(plan.parse_mesh(args.mesh), n)
+        else:  # the config's mesh is one slice's; the slices multiply its data axis
+            one = plan.resolve_layout(cfg.mesh, chips(shape))
+            layout = plan.Layout(one.data * args.slices, one.fsdp, one.tensor)
+        p = plan_tpu(cfg, layout, args.tpu, slices=args.slices, mfu=args.mfu, usable=args.usable)
+    except (plan.PlanError, ConfigError) as e:
+        print(f"gptjax: {e}", file=sys.stderr)
+        return 2
+    say(plan.format_plan(p, cfg))
+    return 0 if p.fits else 1
