@@ -392,6 +392,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("data.val_fraction must be in [0, 1)")
     if cfg.data.workers < 0 or cfg.data.prefetch < 1:
         raise ConfigError("data.workers must be >= 0 and data.prefetch >= 1")
+    if cfg.mesh.slices < 1:
+        raise ConfigError(f"mesh.slices={cfg.mesh.slices} must be at least 1")
     for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive")

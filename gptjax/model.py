@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax.config import ModelConfig
-from gptjax.sharding import constrain
+from gptjax.sharding import constrain, manual_axes
 from gptjax.xla_cpu import cotangent_barrier, project
 
 # Parameters are created unsharded (under eval_shape or a jit whose out_shardings
@@ -389,9 +389,18 @@ class GPT(nnx.Module):
     def embed(self, tokens_BxL, positions_BxL, rng=None):
         cfg = self.cfg
         dt = jnp.dtype(cfg.compute_dtype)
-        x_BxLxD = self.wte[...].astype(dt)[tokens_BxL]
+        wte_VxD, wpe_LxD = self.wte[...].astype(dt), None
         if cfg.position == "learned":
-            x_BxLxD += self.wpe[...].astype(dt)[positions_BxL]
+            wpe_LxD = self.wpe[...].astype(dt)
+        if manual_axes():
+            # Inside a shard_map manual over some axes (train._reduce_once_over_data),
+            # XLA's SPMD partitioner aborts on a gather from a split table (jax 0.10.2,
+            # ExpandDeviceGroupsWithIota): gather from whole tables there.
+            wte_VxD = constrain(wte_VxD, (None, None))
+            wpe_LxD = None if wpe_LxD is None else constrain(wpe_LxD, (None, None))
+        x_BxLxD = wte_VxD[tokens_BxL]
+        if wpe_LxD is not None:
+            x_BxLxD += wpe_LxD[positions_BxL]
         x_BxLxD = dropout(x_BxLxD, cfg.dropout, rng)
         return constrain(x_BxLxD, ("batch", None, "act_embed"))
 

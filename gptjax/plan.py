@@ -123,7 +123,8 @@ def device_spec(name: str) -> tuple[str, float, int]:
     d = metrics.device_info(name)
     if d is None or not d.hbm_bytes:
         raise PlanError(f"unknown device {name!r}: known are {', '.join(metrics.ALIASES)}")
-    return name.lower().strip(), d.peak_flops, d.hbm_bytes
+    kind = metrics.ALIASES.get(name.lower().strip(), name)
+    return (f"{name} ({kind})" if kind != name else name), d.peak_flops, d.hbm_bytes
 
 
 def cpu_devices() -> list:

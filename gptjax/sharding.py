@@ -136,12 +136,22 @@ def multislice_mesh(shape: tuple[int, int, int], slices: int, devices) -> Mesh:
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def manual_axes() -> set[str]:
+    """The current mesh's axes that a surrounding shard_map is manual over."""
+    mesh = jax.sharding.get_abstract_mesh()
+    types = zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False)
+    return {a for a, t in types if t == jax.sharding.AxisType.Manual}
+
+
 def logical_to_spec(logical_axes, shape, mesh: Mesh) -> P:
     """PartitionSpec for one array: each dimension gets the mesh axes its logical name
     maps to, as long as they divide the dimension and are not used by another one."""
     if not logical_axes:
         return P()
-    used: set[str] = set()
+    # Axes a shard_map is manual over (train: the data axis in gradient accumulation)
+    # are not the compiler's to split: they stay out of the constraints.
+    types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False))
+    used = {a for a, t in types.items() if t == jax.sharding.AxisType.Manual}
     spec = []
     for name, dim in zip(logical_axes, shape, strict=True):
         axes = tuple(a for a in RULES.get(name, ()) if a not in used and mesh.shape[a] > 1)

@@ -89,6 +89,9 @@ def _quiet_libtpu() -> None:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")  # any valid name: unused
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # libtpu takes a machine-wide lock for the chips it would drive; compiling drives none,
+    # and several processes (a plan beside the tests) may compile at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 @functools.cache
@@ -168,6 +171,21 @@ def step_flops(cfg: Config, layout: plan.Layout, mesh) -> float:
     return (one + (groups - 1) * per_group) * t.microbatches * layout.devices
 
 
+_OVER_HBM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT])\)")
+
+
+def _over_hbm(error: Exception, cfg: Config, layout: plan.Layout, mesh) -> dict:
+    """libtpu fails a compile whose temporaries exceed the chip's HBM (RESOURCE_EXHAUSTED,
+    naming the bytes it needed): that plan does not fit; its sizes, the temporaries from
+    the message (a lower bound of the total, with the state's exact shard sizes)."""
+    m = _OVER_HBM.search(str(error))
+    if m is None:
+        raise error
+    temp = int(float(m[1]) * 2 ** (10 * " KMGT".index(m[2])))
+    state = plan.state_bytes(cfg, layout)
+    return {"params": state[0], "opt_state": state[1], "state": sum(state), "temp": temp}
+
+
 def flops_note(cfg: Config, compiled_total: float, analytic: float) -> str:
     return (
         f"  FLOPs per step: compiled {compiled_total:.4g}, analytic {analytic:.4g} "
@@ -195,15 +213,24 @@ def plan_tpu(
             f"mesh {layout} has {layout.devices} devices but {topology}"
             f"{f' x {slices} slices' if slices > 1 else ''} has {len(devices)} chips"
         )
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, slices=slices))
     t = cfg.train
     microbatch = t.batch_size // t.microbatches
     plan.check_layout(cfg, layout, microbatch)
     mesh = tpu_mesh(layout, devices, slices)
     start = time.perf_counter()
-    compiled, sizes = plan.compile_step(cfg, layout, mesh=mesh)
+    try:
+        compiled, sizes = plan.compile_step(cfg, layout, mesh=mesh)
+    except Exception as e:  # noqa: BLE001 - libtpu refuses a program that exceeds HBM
+        compiled, sizes = None, _over_hbm(e, cfg, layout, mesh)
     seconds = time.perf_counter() - start
-    xla = plan.xla_fields(compiled)
-    total = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"]
+    if compiled is None:
+        flops = False
+        xla = {"argument": 0, "output": 0, "alias": 0, "temp": sizes["temp"]}
+        total = sizes["state"] + sizes["temp"]
+    else:
+        xla = plan.xla_fields(compiled)
+        total = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"]
     kind = devices[0].device_kind
     device = metrics.device_info(kind)
     tokens = t.batch_size * cfg.model.seq_len
@@ -226,7 +253,7 @@ def plan_tpu(
         temporaries=total - sizes["params"] - sizes["opt_state"],
         total=total,
         xla=xla,
-        method="compiled",
+        method="compiled" if compiled is not None else "over HBM: libtpu refused the compile",
         compile_seconds=seconds,
         device=f"TPU {gen} ({kind})",
         hbm=device.hbm_bytes,
@@ -332,3 +359,67 @@ def cli_plan(args, cfg: Config) -> int:
         return 2
     say(plan.format_plan(p, cfg))
     return 0 if p.fits else 1
+
+
+# ----------------------------------------------------------------------------- HLO
+
+_COLLECTIVE = re.compile(
+    r"=\s.*?\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+    r"(?:-start)?\(.*?replica_groups=(\{\{[\d,{}]*\}\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)"
+)
+_CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations)=\{?([%\w.,\s-]+)")
+
+
+def _groups(text: str) -> list[list[int]]:
+    """replica_groups as lists: `{{0,1},{2,3}}` or the iota form `[2,4]<=[4,2]T(1,0)`."""
+    import numpy as np
+
+    if text.startswith("{"):
+        return [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", text)]
+    m = re.fullmatch(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
+    shape, dims = [int(x) for x in m[1].split(",")], [int(x) for x in m[2].split(",")]
+    ids = np.arange(math.prod(dims)).reshape(dims)
+    if m[3]:
+        ids = ids.transpose([int(x) for x in m[3].split(",")])
+    return ids.reshape(shape).tolist()
+
+
+def collectives(hlo: str, mesh) -> list[tuple[str, bool, bool]]:
+    """(op, crosses slices, inside a loop) of every collective in a compiled module's HLO
+    text. libtpu compiles the program of one slice: collectives over the slice's chips
+    have replica_groups (a group crosses slices if its devices, positions in the mesh,
+    come from several), the data-center network transfers are `send`s to the Megascale
+    runtime (one per transfer, its type e.g. ALL_REDUCE). A loop is any computation
+    reachable from a while body."""
+    flat = list(mesh.devices.flat)
+    slice_of = [getattr(d, "slice_index", 0) for d in flat]
+    ops, calls, name = {}, {}, None
+    loops: set[str] = set()
+    for line in hlo.splitlines():
+        head = re.match(r"(?:ENTRY\s+)?%?([\w.-]+)\s.*\{\s*$", line)
+        if head and not line.startswith(" "):
+            name = head[1]
+            ops[name], calls[name] = [], set()
+            continue
+        if name is None:
+            continue
+        for ref in _CALLS.findall(line):
+            calls[name].update(r.strip().lstrip("%") for r in ref.split(",") if r.strip())
+        body = re.search(r"\bwhile\(.*\bbody=%?([\w.-]+)", line)
+        if body:
+            loops.add(body[1])
+        dcn = re.search(r"\bsend\(.*_xla_megascale_transfer_type=\"(\w+)\"", line)
+        if dcn:  # libtpu compiles one slice's program; DCN transfers are Megascale sends
+            ops[name].append((dcn[1].lower().replace("_", "-"), True))
+            continue
+        m = _COLLECTIVE.search(line)
+        if m:
+            crosses = any(len({slice_of[i] for i in g}) > 1 for g in _groups(m[2]))
+            ops[name].append((m[1], crosses))
+    in_loop, todo = set(), list(loops)
+    while todo:
+        c = todo.pop()
+        if c not in in_loop:
+            in_loop.add(c)
+            todo.extend(calls.get(c, ()))
+    return [(op, crosses, c in in_loop) for c, found in ops.items() for op, crosses in found]
