@@ -84,17 +84,21 @@ def peak_flops_total(override: float = 0.0) -> float | None:
     device = jax.devices()[0]
     if device.platform == "cpu":
         return (override or cpu_peak_flops()) * jax.process_count()
-    per = override or getattr(device_info(device.device_kind), "peak_flops", 0.0)
-    if not per:
-        if device.device_kind not in _warned:
-            _warned.add(device.device_kind)
-            log.warning(
-                "no peak FLOP/s for device_kind %r (gptjax.metrics.DEVICES): MFU is logged "
-                "as null; set train.peak_flops",
-                device.device_kind,
-            )
-        return None
-    return per * jax.device_count()
+    per = override or peak_for_kind(device.device_kind)
+    return per * jax.device_count() if per else None
+
+
+def peak_for_kind(kind: str) -> float | None:
+    """The table's peak FLOP/s of a device_kind; None (warned once per kind) if unknown."""
+    d = device_info(kind)
+    if d is None and kind not in _warned:
+        _warned.add(kind)
+        log.warning(
+            "no peak FLOP/s for device_kind %r (gptjax.metrics.DEVICES): MFU is logged as "
+            "null; set train.peak_flops",
+            kind,
+        )
+    return None if d is None else d.peak_flops
 
 
 def mfu(tokens_per_sec: float, flops_per_token: float, peak: float | None) -> float | None:

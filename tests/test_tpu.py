@@ -101,3 +101,12 @@ def test_cli_plan_tpu_exit_status_and_lines(tmp_path):
     assert "TPU_ACCELERATOR_TYPE" not in out.stderr + out.stdout  # libtpu kept quiet
     bad = subprocess.run([*cmd[:-1], "v9x:2x2"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "generation must be one of" in bad.stderr
+
+
+@pytest.mark.parametrize("topology", ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
+def test_topology_device_kinds_have_peaks(topology):
+    """The device kinds libtpu's topologies report are keys of the MFU peak table."""
+    from gptjax import metrics
+
+    kind = tpu.topology_devices(topology)[0].device_kind
+    assert metrics.peak_for_kind(kind) and metrics.device_info(kind).hbm_bytes
