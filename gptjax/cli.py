@@ -526,6 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "v5p:8x8x16, v6e:16x16 (v5p-2048 = v5p:8x8x16: docs/tpu.md); --search: "
                    "slices up to it (a bare v5p: all)")  # fmt: skip
     p.add_argument("--slices", type=int, default=1, help="--tpu: slices joined over DCN")
+    p.add_argument("--step", choices=("train", "eval", "decode"), default="train",
+                   help="--tpu: the program to compile: a train step, the scoring program "
+                   "of `gptjax eval`, or one KV-cache decode step")  # fmt: skip
+    p.add_argument("--batch", type=int, default=32, help="--step eval/decode: rows/sequences")
     p.epilog = "Exit status 0: fits; 1: does not fit; 2: error. Overrides: --config.x.y=v"
     p.set_defaults(func=_plan, takes_overrides=True)
 

@@ -353,6 +353,8 @@ def cli_plan(args, cfg: Config) -> int:
         else:  # the config's mesh is one slice's; the slices multiply its data axis
             one = plan.resolve_layout(cfg.mesh, chips(shape))
             layout = plan.Layout(one.data * args.slices, one.fsdp, one.tensor)
+        if args.step != "train":
+            return _cli_step(args, cfg, layout)
         p = plan_tpu(cfg, layout, args.tpu, slices=args.slices, mfu=args.mfu, usable=args.usable)
     except (plan.PlanError, ConfigError) as e:
         print(f"gptjax: {e}", file=sys.stderr)
@@ -423,3 +425,33 @@ def collectives(hlo: str, mesh) -> list[tuple[str, bool, bool]]:
             in_loop.add(c)
             todo.extend(calls.get(c, ()))
     return [(op, crosses, c in in_loop) for c, found in ops.items() for op, crosses in found]
+
+
+def _cli_step(args, cfg: Config, layout: plan.Layout) -> int:
+    """`--step eval|decode` on a TPU topology (gptjax.inference_plan)."""
+    from gptjax import inference_plan
+
+    devices = topology_devices(args.tpu, args.slices)
+    if layout.devices != len(devices):
+        raise plan.PlanError(
+            f"mesh {layout} has {layout.devices} devices, {args.tpu} {len(devices)}"
+        )
+    mesh = tpu_mesh(layout, devices, args.slices)
+    device = metrics.device_info(devices[0].device_kind)
+    note = (
+        f"  compiled by libtpu {libtpu_version()} for TPU {parse_topology(args.tpu)[0]}, "
+        f"{len(devices)} chips ({args.tpu})"
+    )
+    try:
+        p = inference_plan.plan_step(
+            cfg, args.step, mesh, args.batch, device.hbm_bytes, args.usable
+        )
+    except Exception as e:  # noqa: BLE001 - libtpu refuses a program that exceeds HBM
+        m = _OVER_HBM.search(str(e))
+        if m is None:
+            raise
+        print(f"{args.step} step on mesh {layout}: DOES NOT FIT: libtpu needs {m[1]}{m[2]}B "
+              f"of temporaries per chip, more than its HBM\n{note}", flush=True)  # fmt: skip
+        return 1
+    print(inference_plan.format_step_plan(p, layout, [note]), flush=True)
+    return 0 if p.fits else 1

@@ -110,3 +110,20 @@ def test_topology_device_kinds_have_peaks(topology):
 
     kind = tpu.topology_devices(topology)[0].device_kind
     assert metrics.peak_for_kind(kind) and metrics.device_info(kind).hbm_bytes
+
+
+def test_eval_and_decode_programs_compile_for_tpu():
+    from gptjax import inference_plan
+
+    cfg = tiny()
+    layout = plan.Layout(1, 4, 1)
+    mesh = tpu.tpu_mesh(layout, tpu.topology_devices("v5e:2x2"))
+    hbm = 16 * 2**30
+    ev = inference_plan.plan_step(cfg, "eval", mesh, 32, hbm, 0.9)
+    params_bf16 = sum(plan.state_bytes(cfg, layout)[:1]) // 2  # f32 parameters -> bf16
+    assert ev.fits and ev.params == params_bf16 and ev.xla["temp"] > 0
+    dec = inference_plan.plan_step(cfg, "decode", mesh, 8, hbm, 0.9)
+    m = cfg.model
+    cache = 2 * m.n_layer * (8 // 4) * m.kv_heads * m.seq_len * m.head_dim * 2  # K and V, bf16
+    assert dec.xla["argument"] >= params_bf16 + cache
+    assert dec.xla["alias"] >= cache  # the cache is donated: updated in place
