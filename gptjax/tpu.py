@@ -355,6 +355,7 @@ def cli_plan(args, cfg: Config) -> int:
             layout = plan.Layout(one.data * args.slices, one.fsdp, one.tensor)
         if args.step != "train":
             return _cli_step(args, cfg, layout)
+        cfg = _splittable(cfg, layout, say)
         p = plan_tpu(cfg, layout, args.tpu, slices=args.slices, mfu=args.mfu, usable=args.usable)
     except (plan.PlanError, ConfigError) as e:
         print(f"gptjax: {e}", file=sys.stderr)
@@ -425,6 +426,22 @@ def collectives(hlo: str, mesh) -> list[tuple[str, bool, bool]]:
             in_loop.add(c)
             todo.extend(calls.get(c, ()))
     return [(op, crosses, c in in_loop) for c, found in ops.items() for op, crosses in found]
+
+
+def _splittable(cfg: Config, layout: plan.Layout, say) -> Config:
+    """cfg, with fewer microbatches where its microbatch does not split over the mesh's
+    batch shards (a pod has more chips than a GPT-3 config's 16-sequence microbatch),
+    said in one line; the memory is then that of the larger microbatch."""
+    t, shards = cfg.train, layout.data * layout.fsdp
+    micro = t.batch_size // t.microbatches
+    if micro % shards == 0:
+        return cfg
+    for k in range(t.microbatches, 0, -1):
+        if t.batch_size % k == 0 and (t.batch_size // k) % shards == 0:
+            say(f"(train.microbatches {t.microbatches} -> {k}: a {micro}-sequence microbatch "
+                f"does not split over data*fsdp={shards})")  # fmt: skip
+            return plan.with_plan_settings(cfg, cfg.model.remat, k)
+    return cfg  # check_layout says why
 
 
 def _cli_step(args, cfg: Config, layout: plan.Layout) -> int:
