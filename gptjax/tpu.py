@@ -236,8 +236,9 @@ def plan_tpu(
     tokens = t.batch_size * cfg.model.seq_len
     analytic = model.flops_per_token(cfg.model) * tokens
     gen = parse_topology(topology)[0]
+    verb = "compiled by" if compiled is not None else "refused (temporaries over HBM) by"
     notes = [
-        f"  compiled by libtpu {libtpu_version()} for TPU {gen}, {len(devices)} chips "
+        f"  {verb} libtpu {libtpu_version()} for TPU {gen}, {len(devices)} chips "
         f"({topology}{f' x {slices} slices over DCN' if slices > 1 else ''}; device_kind "
         f"{kind!r})"
     ]
