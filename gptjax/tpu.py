@@ -330,6 +330,9 @@ def cli_plan(args, cfg: Config) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     say = functools.partial(print, flush=True)
     try:
+        parse_topology(args.tpu)
+        if not available():
+            raise plan.PlanError(LIBTPU_MISSING)
         if cfg.model.vocab_size <= 0:
             raise plan.PlanError("set model.vocab_size (--config.model.vocab_size=N)")
         if args.slices < 1:
