@@ -353,7 +353,7 @@ def cli_plan(args, cfg: Config) -> int:
             raise plan.PlanError(f"--tpu {args.tpu}: give a shape (e.g. {gen}:2x2) or --search")
         n = chips(shape) * args.slices
         if args.mesh:
-            layout = plan.resolve_layout(plan.parse_mesh(args.mesh), n)
+            layout = plan.resolve_layout(sharding.parse_mesh(args.mesh), n)
         else:  # the config's mesh is one slice's; the slices multiply its data axis
             one = plan.resolve_layout(cfg.mesh, chips(shape))
             layout = plan.Layout(one.data * args.slices, one.fsdp, one.tensor)

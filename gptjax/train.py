@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from gptjax import config as config_lib
 from gptjax import data, loop, metrics, model, sharding, xla_cpu
