@@ -71,7 +71,7 @@ def test_tpu_program_has_none_of_the_cpu_forms():
     from gptjax.optim import make_optimizer
 
     mesh = sharding.make_mesh(MeshConfig(1, 4, 1), jax.devices("cpu")[:4])
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
     with jax.set_mesh(mesh):
         graphdef, abstract, sh = train.state_shardings(cfg, mesh, tx)
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
