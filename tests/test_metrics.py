@@ -46,7 +46,13 @@ def test_unknown_kind_warns_once_and_mfu_is_null(caplog, tmp_path):
 
 
 def test_cpu_peak_is_measured_and_mfu_capped():
-    peak = metrics.peak_flops_total()  # the test backend is the CPU
+    import jax
+
+    from gptjax import sharding
+    from gptjax.config import MeshConfig
+
+    with jax.set_mesh(sharding.make_mesh(MeshConfig(8, 1, 1))):  # as the trainer asks
+        peak = metrics.peak_flops_total()  # the test backend is the CPU
     assert peak == metrics.cpu_peak_flops() > 1e8
     assert metrics.mfu(1e9, 1e9, peak) == 1.0  # a run "faster than peak" reads 100%
     assert 0 < metrics.mfu(1.0, 1e6, peak) < 1
