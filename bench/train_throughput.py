@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--peak-flops",
         type=float,
         default=0.0,
-        help="host peak FLOP/s for MFU; 0: gptjax.metrics.PEAK_FLOPS['cpu']",
+        help="host peak FLOP/s for MFU; 0: measured (gptjax.metrics.cpu_peak_flops)",
     )
     p.add_argument(
         "--threads",
@@ -397,6 +397,8 @@ def _timed(fn) -> float:
 
 
 def summarize(name: str, times: list[float], tokens_per_step: int, flops_tok: float, peak):
+    from gptjax import metrics
+
     mean, median = statistics.mean(times), statistics.median(times)
     return {
         "name": name,
@@ -406,7 +408,7 @@ def summarize(name: str, times: list[float], tokens_per_step: int, flops_tok: fl
         "step_ms_std": 1e3 * statistics.stdev(times) if len(times) > 1 else 0.0,
         "step_ms_median": 1e3 * median,
         "step_ms_min": 1e3 * min(times),
-        "mfu": tokens_per_step * flops_tok / mean / peak if peak else float("nan"),
+        "mfu": metrics.mfu(tokens_per_step / mean, flops_tok, peak) or float("nan"),
     }
 
 
@@ -436,7 +438,7 @@ def main(argv=None) -> None:
     batches = token_batches(args, m.vocab_size)
     tokens_per_step = args.batch * args.seq_len
     flops_tok = model.flops_per_token(m)
-    peak = args.peak_flops or metrics.PEAK_FLOPS["cpu"]
+    peak = args.peak_flops or metrics.cpu_peak_flops()
 
     print("== machine")
     for line in machine_info(threads):
@@ -459,7 +461,7 @@ def main(argv=None) -> None:
     print(
         f"  {flops_tok / 1e6:.2f} MFLOP/token (gptjax.model.flops_per_token), "
         f"peak {peak / 1e9:.0f} GFLOP/s "
-        f"({'--peak-flops' if args.peak_flops else 'gptjax.metrics.PEAK_FLOPS[cpu]'})"
+        f"({'--peak-flops' if args.peak_flops else 'measured: gptjax.metrics.cpu_peak_flops'})"
     )
     sys.stdout.flush()
 

@@ -276,6 +276,10 @@ def _plan(args, overrides) -> int:
     except config_lib.ConfigError as e:
         print(f"gptjax: config error: {e}", file=sys.stderr)
         return 2
+    if args.tpu:  # libtpu compiles for the topology: no simulated CPU devices
+        from gptjax import tpu
+
+        return tpu.cli_plan(args, cfg)
     from gptjax import plan as plan_lib
     from gptjax.sharding import parse_mesh
 
@@ -573,6 +577,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", action="store_true", help="find the smallest mesh that fits")
     p.add_argument("--max-devices", type=int, default=4096, help="search: most devices")
     p.add_argument("--max-tensor", type=int, default=8, help="search: largest tensor axis")
+    p.add_argument("--tpu", help="compile with libtpu for a TPU topology: v4:4x4x8, v5e:16x16, "
+                   "v5p:8x8x16, v6e:16x16 (v5p-2048 = v5p:8x8x16: docs/tpu.md); --search: "
+                   "slices up to it (a bare v5p: all)")  # fmt: skip
+    p.add_argument("--slices", type=int, default=1, help="--tpu: slices joined over DCN")
+    p.add_argument("--step", choices=("train", "eval", "decode"), default="train",
+                   help="--tpu: the program to compile: a train step, the scoring program "
+                   "of `gptjax eval`, or one KV-cache decode step")  # fmt: skip
+    p.add_argument("--batch", type=int, default=32, help="--step eval/decode: rows/sequences")
     p.epilog = "Exit status 0: fits; 1: does not fit; 2: error. Overrides: --config.x.y=v"
     p.set_defaults(func=_plan, takes_overrides=True)
 

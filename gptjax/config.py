@@ -138,6 +138,10 @@ class MeshConfig:
     data: int = -1  # -1: all devices left over
     fsdp: int = 1
     tensor: int = 1
+    # TPU slices joined over the data-center network (DCN): the data axis is split
+    # slices x (data / slices), slices outermost, so only the gradient reduction
+    # crosses DCN; fsdp and tensor stay inside a slice's ICI torus.
+    slices: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,6 +392,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("data.val_fraction must be in [0, 1)")
     if cfg.data.workers < 0 or cfg.data.prefetch < 1:
         raise ConfigError("data.workers must be >= 0 and data.prefetch >= 1")
+    if cfg.mesh.slices < 1:
+        raise ConfigError(f"mesh.slices={cfg.mesh.slices} must be at least 1")
     for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import logging
 import os
 import sys
@@ -29,9 +30,12 @@ def keep_freed_memory() -> bool:
 
     Call it at process start, before JAX starts its thread pools (threads pick their
     malloc arena on first use). A no-op off Linux/glibc, or with GPTJAX_KEEP_FREED_MEMORY=0.
-    Process-wide: it applies to every library in the process alike.
+    Process-wide: it applies to every library in the process alike. Only where jax's
+    backend will be the CPU (cpu_backend()): a TPU/GPU host keeps its allocator as is.
     """
     if os.environ.get(ENV_OPT_OUT, "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    if not cpu_backend():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -44,3 +48,14 @@ def keep_freed_memory() -> bool:
     if not ok:
         log.warning("mallopt refused a setting; malloc keeps its defaults where it did")
     return ok
+
+
+def cpu_backend() -> bool:
+    """Whether jax's default backend will be the CPU, decided before jax starts (asking
+    jax would start its threads): JAX_PLATFORMS if set, else whether a TPU or GPU device
+    node exists."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    accelerators = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
+    return not any(glob.glob(pattern) for pattern in accelerators)

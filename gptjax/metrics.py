@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from gptjax.files import write_text_atomic
 
@@ -21,38 +25,91 @@ class Device(NamedTuple):
 
 GiB, MiB = 2**30, 2**20
 
-# THE device table: dense bf16 peak FLOP/s (accelerators) and memory per device. Keys
-# are matched as substrings of jax's device_kind ("NVIDIA H100 80GB HBM3", "TPU v5p").
-# GPU memory as nvidia-smi reports it (the 80GB H100 has 81,559 MiB = 79.6 GiB). A CPU
-# has no meaningful per-device figure: simulated CPU devices share the host's cores, so
-# the CPU entry is per process (host).
+# THE device table, keyed by the exact `device_kind` strings jax reports (libtpu's
+# topologies report the same ones): dense bf16 peak FLOP/s and memory per device. A v4
+# or v5p device is one chip (megacore: both TensorCores). GPU memory as nvidia-smi
+# reports it (the 80GB H100 has 81,559 MiB = 79.6 GiB).
 DEVICES = {
-    "h100": Device(989e12, 81559 * MiB),  # SXM 80GB
-    "h200": Device(989e12, 143771 * MiB),  # 141GB
-    "a100": Device(312e12, 81920 * MiB),  # 80GB
-    "a100-40gb": Device(312e12, 40960 * MiB),
-    "tpu v4": Device(275e12, 32 * GiB),
-    "tpu v5p": Device(459e12, 95 * GiB),
-    "tpu v5 lite": Device(197e12, 16 * GiB),  # v5e
-    "tpu v5e": Device(197e12, 16 * GiB),
-    "tpu v6 lite": Device(918e12, 32 * GiB),  # v6e
-    "tpu v6e": Device(918e12, 32 * GiB),
-    "cpu": Device(150e9, 0),  # JAX f32 matmul on a small x86 host; set train.peak_flops
+    "TPU v4": Device(275e12, 32 * GiB),
+    "TPU v5 lite": Device(197e12, 16 * GiB),  # v5e
+    "TPU v5": Device(459e12, 95 * GiB),  # v5p
+    "TPU v6 lite": Device(918e12, 32 * GiB),  # v6e (Trillium)
+    "NVIDIA H100 80GB HBM3": Device(989e12, 81559 * MiB),  # SXM
+    "NVIDIA H100 PCIe": Device(756e12, 81559 * MiB),
+    "NVIDIA H200": Device(989e12, 143771 * MiB),
+    "NVIDIA A100-SXM4-80GB": Device(312e12, 81920 * MiB),
+    "NVIDIA A100-SXM4-40GB": Device(312e12, 40960 * MiB),
+    "NVIDIA A100 80GB PCIe": Device(312e12, 81920 * MiB),
 }
-PEAK_FLOPS = {name: d.peak_flops for name, d in DEVICES.items()}
+# Short names for `gptjax plan --device` and the docs -> device_kind.
+ALIASES = {
+    "h100": "NVIDIA H100 80GB HBM3",
+    "h200": "NVIDIA H200",
+    "a100": "NVIDIA A100-SXM4-80GB",
+    "a100-40gb": "NVIDIA A100-SXM4-40GB",
+    "v4": "TPU v4",
+    "v5e": "TPU v5 lite",
+    "v5p": "TPU v5",
+    "v6e": "TPU v6 lite",
+}
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 
-def peak_flops_total(override: float = 0.0) -> float:
-    """Peak FLOP/s of all devices of the run (per device x devices; per host on CPU)."""
+def device_info(kind: str) -> Device | None:
+    """The table's entry for a device_kind (or an alias), None for one it lacks."""
+    return DEVICES.get(ALIASES.get(kind.lower().strip(), kind))
+
+
+@functools.cache
+def cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
+    """This host's measured f32 matmul FLOP/s (the best of a few n x n matmuls on one
+    CPU device, all its threads): the CPU's MFU peak, probed once per process."""
+    device = jax.devices("cpu")[0]
+    best = math.inf
+    # On one device whatever mesh the caller (the trainer) has set.
+    with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("probe",))):
+        a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+        matmul = jax.jit(lambda x: x @ x)
+        matmul(a).block_until_ready()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            matmul(a).block_until_ready()
+            best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def peak_flops_total(override: float = 0.0) -> float | None:
+    """Peak FLOP/s of all devices of the run (per device x devices; per host on CPU), or
+    None for a device kind the table lacks (warned once: its MFU is logged as null).
+    override: train.peak_flops, per device (per host on CPU)."""
     device = jax.devices()[0]
-    kind = device.device_kind.lower()
-    per = override
-    if not per:
-        matches = [v for k, v in PEAK_FLOPS.items() if k in kind or k in device.platform]
-        per = matches[0] if matches else 0.0
     if device.platform == "cpu":
-        return per * jax.process_count()
-    return per * jax.device_count()
+        return (override or cpu_peak_flops()) * jax.process_count()
+    per = override or peak_for_kind(device.device_kind)
+    return per * jax.device_count() if per else None
+
+
+def peak_for_kind(kind: str) -> float | None:
+    """The table's peak FLOP/s of a device_kind; None (warned once per kind) if unknown."""
+    d = device_info(kind)
+    if d is None and kind not in _warned:
+        _warned.add(kind)
+        log.warning(
+            "no peak FLOP/s for device_kind %r (gptjax.metrics.DEVICES): MFU is logged as "
+            "null; set train.peak_flops",
+            kind,
+        )
+    return None if d is None else d.peak_flops
+
+
+def mfu(tokens_per_sec: float, flops_per_token: float, peak: float | None) -> float | None:
+    """Model FLOPs utilization, None without a peak. Capped at 1: above it the peak was
+    too low (a CPU probe slower than the run's own matmuls), not the run faster."""
+    if not peak:
+        return None
+    return min(tokens_per_sec * flops_per_token / peak, 1.0)
 
 
 class MetricsWriter:
@@ -80,11 +137,12 @@ class MetricsWriter:
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: float(v) for k, v in values.items()}}
+        # None (an MFU without a known peak) is written as null, never as a number.
+        record = {"step": step, **{k: None if v is None else float(v) for k, v in values.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for k, v in values.items():
-            if math.isfinite(float(v)):
+            if v is not None and math.isfinite(float(v)):
                 self.tb.add_scalar(k, float(v), step)
         self.tb.flush()
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax.config import ModelConfig
-from gptjax.sharding import constrain
+from gptjax.sharding import constrain, manual_axes
 from gptjax.xla_cpu import cotangent_barrier, project
 
 # Parameters are created unsharded (under eval_shape or a jit whose out_shardings
@@ -389,9 +389,18 @@ class GPT(nnx.Module):
     def embed(self, tokens_BxL, positions_BxL, rng=None):
         cfg = self.cfg
         dt = jnp.dtype(cfg.compute_dtype)
-        x_BxLxD = self.wte[...].astype(dt)[tokens_BxL]
+        wte_VxD, wpe_LxD = self.wte[...].astype(dt), None
         if cfg.position == "learned":
-            x_BxLxD += self.wpe[...].astype(dt)[positions_BxL]
+            wpe_LxD = self.wpe[...].astype(dt)
+        if manual_axes():
+            # Inside a shard_map manual over some axes (train._reduce_once_over_data),
+            # XLA's SPMD partitioner aborts on a gather from a split table (jax 0.10.2,
+            # ExpandDeviceGroupsWithIota): gather from whole tables there.
+            wte_VxD = constrain(wte_VxD, (None, None))
+            wpe_LxD = None if wpe_LxD is None else constrain(wpe_LxD, (None, None))
+        x_BxLxD = wte_VxD[tokens_BxL]
+        if wpe_LxD is not None:
+            x_BxLxD += wpe_LxD[positions_BxL]
         x_BxLxD = dropout(x_BxLxD, cfg.dropout, rng)
         return constrain(x_BxLxD, ("batch", None, "act_embed"))
 
@@ -550,9 +559,10 @@ def flops_per_token(cfg: ModelConfig) -> float:
     """Training FLOPs per token: 6 N (non-embedding weights) + 6 D V (the LM head matmul)
     + attention scores and values, 12 n_layer d_attn L_eff, where L_eff is the mean
     number of keys a query attends to (causal: (L+1)/2; a band of w: about w), i.e.
-    only the computed half of causal attention is counted."""
+    only the computed half of causal attention is counted. An untied head is already
+    in N (it is not an embedding), so only a tied one adds its 6 D V."""
     n = non_embedding_params(cfg)
-    head = cfg.d_model * cfg.padded_vocab
+    head = cfg.d_model * cfg.padded_vocab if cfg.tie_embeddings else 0
     d_attn = cfg.n_head * cfg.head_dim
     attn = 0.0
     for layer in range(cfg.n_layer):

@@ -81,6 +81,9 @@ class Plan:
     step_seconds: float
     tokens_per_step: int
     mfu: float
+    compiler: str = "XLA:CPU"  # or "libtpu X.Y.Z" (gptjax.tpu)
+    notes: tuple[str, ...] = ()  # extra report lines (gptjax.tpu: compiled FLOPs)
+    slices: int = 1  # TPU slices the data axis spans (mesh.slices)
 
     @property
     def extrapolated(self) -> bool:
@@ -97,6 +100,8 @@ class Plan:
             f"--config.mesh.fsdp={self.layout.fsdp}",
             f"--config.mesh.tensor={self.layout.tensor}",
         ]
+        if self.slices != cfg.mesh.slices:
+            out.append(f"--config.mesh.slices={self.slices}")
         if self.remat != cfg.model.remat:
             out.append(f"--config.model.remat={self.remat}")
         if self.microbatches != cfg.train.microbatches:
@@ -113,15 +118,13 @@ class Plan:
 
 
 def device_spec(name: str) -> tuple[str, float, int]:
-    """(table key, peak bf16 FLOP/s, HBM bytes) of a device named like `h100` or `v5p`."""
-    key = name.lower().strip()
-    for candidate in (key, f"tpu {key}"):
-        if candidate in metrics.DEVICES:
-            d = metrics.DEVICES[candidate]
-            if d.hbm_bytes:
-                return candidate, d.peak_flops, d.hbm_bytes
-    known = ", ".join(k.removeprefix("tpu ") for k, d in metrics.DEVICES.items() if d.hbm_bytes)
-    raise PlanError(f"unknown device {name!r}: known are {known}")
+    """(name, peak bf16 FLOP/s, HBM bytes) of a device named like `h100` or `v5p` (or by
+    its device_kind, `TPU v5`)."""
+    d = metrics.device_info(name)
+    if d is None or not d.hbm_bytes:
+        raise PlanError(f"unknown device {name!r}: known are {', '.join(metrics.ALIASES)}")
+    kind = metrics.ALIASES.get(name.lower().strip(), name)
+    return (f"{name} ({kind})" if kind != name else name), d.peak_flops, d.hbm_bytes
 
 
 def cpu_devices() -> list:
@@ -226,18 +229,20 @@ def _batch_bytes(cfg: Config, layout: Layout) -> int:
     return cfg.train.batch_size // (layout.data * layout.fsdp) * (cfg.model.seq_len + 1) * 4
 
 
-def compile_step(cfg: Config, layout: Layout, devices=None):
-    """Lower and compile the real train step for `layout` on CPU devices with abstract
-    inputs. Returns (compiled, {"params", "opt_state", "state"} bytes per device)."""
-    devices = cpu_devices() if devices is None else devices
-    if layout.devices > len(devices):
-        raise PlanError(
-            f"mesh {layout} needs {layout.devices} devices but jax has {len(devices)} CPU "
-            f"devices; run `gptjax plan` in a fresh process (it sets "
-            f"--xla_force_host_platform_device_count before jax starts)"
-        )
-    mesh_cfg = MeshConfig(data=layout.data, fsdp=layout.fsdp, tensor=layout.tensor)
-    mesh = sharding.make_mesh(mesh_cfg, devices[: layout.devices])
+def compile_step(cfg: Config, layout: Layout, devices=None, mesh=None):
+    """Lower and compile the real train step for `layout` on CPU devices (or on `mesh`,
+    e.g. of TPU topology devices) with abstract inputs. Returns (compiled,
+    {"params", "opt_state", "state"} bytes per device)."""
+    if mesh is None:
+        devices = cpu_devices() if devices is None else devices
+        if layout.devices > len(devices):
+            raise PlanError(
+                f"mesh {layout} needs {layout.devices} devices but jax has {len(devices)} "
+                f"CPU devices; run `gptjax plan` in a fresh process (it sets "
+                f"--xla_force_host_platform_device_count before jax starts)"
+            )
+        mesh_cfg = MeshConfig(data=layout.data, fsdp=layout.fsdp, tensor=layout.tensor)
+        mesh = sharding.make_mesh(mesh_cfg, devices[: layout.devices])
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     t = cfg.train
     with jax.set_mesh(mesh):
@@ -264,7 +269,7 @@ def compile_step(cfg: Config, layout: Layout, devices=None):
     return compiled, sizes
 
 
-def _xla_fields(compiled) -> dict:
+def xla_fields(compiled) -> dict:
     ma = compiled.memory_analysis()
     names = ("argument", "output", "alias", "temp")
     return {n: int(getattr(ma, f"{n}_size_in_bytes")) for n in names}
@@ -323,7 +328,7 @@ def plan(
     start = time.perf_counter()
     compiled, sizes = compile_step(compile_cfg, small)
     seconds = time.perf_counter() - start
-    xla = _xla_fields(compiled)
+    xla = xla_fields(compiled)
     # Peak per device: inputs + outputs not aliased to (donated) inputs + temporaries.
     total = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"]
     params, opt = sizes["params"], sizes["opt_state"]
@@ -431,6 +436,10 @@ def search(
     remats: tuple[str, ...] = REMATS,
     max_compile_devices: int = MAX_CPU_DEVICES,
     log=print,
+    device_counts=None,
+    plan_fn=None,
+    layout_ok=lambda layout: True,
+    min_data: int = 1,
 ) -> tuple[Plan | None, list[Plan]]:
     """The smallest mesh (fewest devices) on which cfg's step fits `device`, with the
     cheapest remat and the largest microbatch that fit there; and every plan compiled.
@@ -444,7 +453,11 @@ def search(
     assumed to fall monotonically with more remat and smaller microbatches. Once a
     fit is found, fsdp is traded for data parallelism while the plan still fits (data
     parallelism gathers no parameters, which with gradient accumulation every
-    microbatch would)."""
+    microbatch would).
+
+    The TPU path (gptjax.tpu) passes its own device_counts (slice sizes), plan_fn
+    (cfg, layout) -> Plan, layout_ok (the torus accepts the mesh) and min_data (the
+    number of slices: the data axis spans them)."""
     if hbm is None:
         hbm = device_spec(device)[2]
     budget = usable * hbm
@@ -452,15 +465,18 @@ def search(
 
     def attempt(layout: Layout, remat: str, microbatch: int) -> Plan:
         c = with_plan_settings(cfg, remat, cfg.train.batch_size // microbatch)
-        p = plan(
-            c,
-            layout,
-            device=device,
-            mfu=mfu,
-            usable=usable,
-            hbm=hbm,
-            max_compile_devices=max_compile_devices,
-        )
+        if plan_fn is not None:
+            p = plan_fn(c, layout)
+        else:
+            p = plan(
+                c,
+                layout,
+                device=device,
+                mfu=mfu,
+                usable=usable,
+                hbm=hbm,
+                max_compile_devices=max_compile_devices,
+            )
         tried.append(p)
         log(
             f"  {str(layout):28s} remat={remat:13s} microbatch={microbatch:<5d} "
@@ -473,12 +489,12 @@ def search(
         params, opt = state_bytes(cfg, layout)
         return params + opt <= budget
 
-    n = 1
-    while n <= max_devices:
-        for t in tensor_options(cfg, n, max_tensor):
-            layout = Layout(1, n // t, t)
-            micros = microbatch_options(cfg, layout.fsdp)
-            if not micros or not state_fits(layout):
+    counts = device_counts or [2**i for i in range(max_devices.bit_length()) if 2**i <= max_devices]
+    for n in counts:
+        for t in tensor_options(cfg, n // min_data, max_tensor):
+            layout = Layout(min_data, n // (min_data * t), t)
+            micros = microbatch_options(cfg, layout.data * layout.fsdp)
+            if not micros or not state_fits(layout) or not layout_ok(layout):
                 continue
             frugal = attempt(layout, remats[-1], micros[-1])
             if not frugal.fits:
@@ -495,15 +511,16 @@ def search(
             # Trade fsdp for data parallelism while the state still fits.
             data = 2
             while layout.fsdp % data == 0:
-                wider = Layout(data, layout.fsdp // data, t)
-                if best.microbatch % (data * wider.fsdp) or not state_fits(wider):
+                wider = Layout(min_data * data, layout.fsdp // data, t)
+                if best.microbatch % (wider.data * wider.fsdp) or not state_fits(wider):
+                    break
+                if not layout_ok(wider):
                     break
                 p = attempt(wider, best.remat, best.microbatch)
                 if not p.fits:
                     break
                 best, data = p, data * 2
             return best, tried
-        n *= 2
     return None, tried
 
 
@@ -530,12 +547,16 @@ def format_plan(p: Plan, cfg: Config) -> str:
         f"  step time at {p.mfu:.0%} MFU: {p.step_seconds:.3g} s "
         f"({p.tokens_per_step:,} tokens/step, "
         f"{p.tokens_per_step / p.step_seconds / p.layout.devices:,.0f} tokens/s/device)",
-        f"  {p.method}; XLA:CPU compile {p.compile_seconds:.1f} s; memory_analysis per "
+        f"  {p.method}; {p.compiler} compile {p.compile_seconds:.1f} s; memory_analysis per "
         f"device: argument {p.xla['argument']:,} output {p.xla['output']:,} alias "
         f"{p.xla['alias']:,} temp {p.xla['temp']:,} bytes",
+        *p.notes,
         "  train with: " + " ".join(p.overrides(cfg)),
-        f"  (temporaries are XLA:CPU's buffer assignment, an estimate for GPU/TPU; XLA:CPU "
-        f"simulates at most ~{MAX_CPU_DEVICES} devices, larger meshes are extrapolated: "
-        f"docs/scaling.md)",
     ]
+    if p.compiler == "XLA:CPU":
+        lines.append(
+            f"  (temporaries are XLA:CPU's buffer assignment, an estimate for GPU/TPU; XLA:CPU "
+            f"simulates at most ~{MAX_CPU_DEVICES} devices, larger meshes are extrapolated: "
+            f"docs/scaling.md)"
+        )
     return "\n".join(lines)

@@ -106,6 +106,8 @@ def make_mesh(cfg: MeshConfig | str, devices=None) -> Mesh:
         if text is None:
             raise
         raise ConfigError(f"--mesh {text!r}: {e}") from None
+    if cfg.slices != 1:
+        return multislice_mesh(shape, cfg.slices, devices)
     return jax.make_mesh(
         shape,
         MESH_AXES,
@@ -114,12 +116,42 @@ def make_mesh(cfg: MeshConfig | str, devices=None) -> Mesh:
     )
 
 
+def multislice_mesh(shape: tuple[int, int, int], slices: int, devices) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `slices` TPU slices: the data axis is
+    slices x (data / slices) with the slices outermost, so a data-parallel all-reduce
+    is the only collective that crosses the data-center network."""
+    from jax.experimental import mesh_utils
+
+    data, fsdp, tensor = shape
+    if slices < 1 or data % slices:
+        raise ConfigError(f"mesh.slices={slices} must divide the data axis ({data})")
+    found = {getattr(d, "slice_index", None) for d in devices}
+    if None in found or len(found) != slices:
+        raise ConfigError(
+            f"mesh.slices={slices} but the devices come from {len(found - {None}) or 1} slice(s)"
+        )
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (data // slices, fsdp, tensor), (slices, 1, 1), devices
+    )
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def manual_axes() -> set[str]:
+    """The current mesh's axes that a surrounding shard_map is manual over."""
+    mesh = jax.sharding.get_abstract_mesh()
+    types = zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False)
+    return {a for a, t in types if t == jax.sharding.AxisType.Manual}
+
+
 def logical_to_spec(logical_axes, shape, mesh: Mesh) -> P:
     """PartitionSpec for one array: each dimension gets the mesh axes its logical name
     maps to, as long as they divide the dimension and are not used by another one."""
     if not logical_axes:
         return P()
-    used: set[str] = set()
+    # Axes a shard_map is manual over (train: the data axis in gradient accumulation)
+    # are not the compiler's to split: they stay out of the constraints.
+    types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()), strict=False))
+    used = {a for a, t in types.items() if t == jax.sharding.AxisType.Manual}
     spec = []
     for name, dim in zip(logical_axes, shape, strict=True):
         axes = tuple(a for a in RULES.get(name, ()) if a not in used and mesh.shape[a] > 1)
@@ -151,13 +183,22 @@ def state_shardings(abstract_state, param_sh, mesh: Mesh, tx):
     import optax
 
     replicated = NamedSharding(mesh, P())
-    opt_sh = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abstract_state.opt_state,
-        param_sh,
-        transform_non_params=lambda _: replicated,
+    # tree_map_params runs tx.init on placeholders, eagerly (its step counters): traced
+    # under eval_shape here, so that it creates no array on the current mesh's devices
+    # (a plan for a TPU topology traces this under a mesh of compile-only devices).
+    found = []
+    jax.eval_shape(
+        lambda: found.append(
+            optax.tree_map_params(
+                tx,
+                lambda _, s: s,
+                abstract_state.opt_state,
+                param_sh,
+                transform_non_params=lambda _: replicated,
+            )
+        )
     )
+    opt_sh = found[0]
     return dataclasses.replace(
         abstract_state, step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated
     )

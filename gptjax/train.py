@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from gptjax import config as config_lib
 from gptjax import data, loop, metrics, model, sharding, xla_cpu
@@ -54,9 +55,9 @@ def state_shardings(cfg: Config, mesh, tx):
     """(abstract TrainState, its shardings), derived from eval_shape and the rules table."""
     graphdef, abstract_params = model.abstract_model(cfg.model)
     param_sh = sharding.param_shardings(abstract_params, mesh)
-    abstract = jax.eval_shape(
-        lambda k: _init_state(cfg, tx, k), jax.random.key_data(jax.random.key(0))
-    )
+    # The key is made inside eval_shape too: nothing here may touch a device (a plan
+    # for a TPU topology traces this on devices that only exist to be compiled for).
+    abstract = jax.eval_shape(lambda: _init_state(cfg, tx, jax.random.key_data(jax.random.key(0))))
     return graphdef, abstract, sharding.state_shardings(abstract, param_sh, mesh, tx)
 
 
@@ -83,10 +84,15 @@ def init_state(cfg: Config, mesh, tx, shardings) -> TrainState:
 def lm_loss(graphdef, params, tokens_BxL1, rng=None):
     """Mean next-token cross-entropy over a batch of packed windows [B, L+1]."""
     inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
-    logits_BxLxV = model.apply(graphdef, params, inputs_BxL, rng=rng)
-    losses_BxL = optax.softmax_cross_entropy_with_integer_labels(
-        logits_BxLxV.astype(jnp.float32), targets_BxL
-    )
+    logits_BxLxV = model.apply(graphdef, params, inputs_BxL, rng=rng).astype(jnp.float32)
+    if sharding.manual_axes():
+        # The target's logit by a one-hot product, not a gather: inside the data-manual
+        # shard_map of _reduce_once_over_data, a gather from tensor-split logits aborts
+        # XLA's SPMD partitioner (jax 0.10.2); the product is elementwise per shard.
+        one_hot_BxLxV = jax.nn.one_hot(targets_BxL, logits_BxLxV.shape[-1], dtype=jnp.float32)
+        target_BxL = jnp.sum(logits_BxLxV * one_hot_BxLxV, axis=-1)
+        return (jax.nn.logsumexp(logits_BxLxV, axis=-1) - target_BxL).mean()
+    losses_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
     return losses_BxL.mean()
 
 
@@ -99,22 +105,32 @@ def make_train_step(cfg: Config, graphdef, tx):
         step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         grad_fn = jax.value_and_grad(lambda p, t, r: lm_loss(graphdef, p, t, r))
 
-        def micro(carry, xs):
-            loss_sum, grad_sum = carry
-            tokens_BxL1, index = xs
-            rng = jax.random.fold_in(step_rng, index) if use_dropout else None
-            loss, grads = grad_fn(state.params, tokens_BxL1, rng)
-            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+        def accumulate(params, batch_KxBxL1, rng_key):
+            def micro(carry, xs):
+                loss_sum, grad_sum = carry
+                tokens_BxL1, index = xs
+                rng = jax.random.fold_in(rng_key, index) if use_dropout else None
+                loss, grads = grad_fn(params, tokens_BxL1, rng)
+                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            k = batch_KxBxL1.shape[0]
+            (loss_sum, grad_sum), _ = jax.lax.scan(
+                micro, (jnp.zeros((), jnp.float32), zeros), (batch_KxBxL1, jnp.arange(k))
+            )
+            return loss_sum, grad_sum
 
         n_micro = batch_KxBxL1.shape[0]
+        replicas = _data_replicas()
         if n_micro == 1:  # no accumulation buffers, no loop: measurably faster on CPU
             rng = jax.random.fold_in(step_rng, 0) if use_dropout else None
             loss_sum, grad_sum = grad_fn(state.params, batch_KxBxL1[0], rng)
-        else:
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (loss_sum, grad_sum), _ = jax.lax.scan(
-                micro, (jnp.zeros((), jnp.float32), zeros), (batch_KxBxL1, jnp.arange(n_micro))
+        elif replicas > 1 and cfg.mesh.slices > 1:
+            loss_sum, grad_sum = _reduce_once_over_data(accumulate, replicas)(
+                state.params, batch_KxBxL1, step_rng
             )
+        else:
+            loss_sum, grad_sum = accumulate(state.params, batch_KxBxL1, step_rng)
         loss = loss_sum / n_micro
         grads = jax.tree.map(lambda g: g / n_micro, grad_sum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -127,6 +143,39 @@ def make_train_step(cfg: Config, graphdef, tx):
         return new_state, metrics_
 
     return train_step
+
+
+def _data_replicas() -> int:
+    """The size of the current mesh's data axis (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return (
+        1 if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True)).get("data", 1)
+    )
+
+
+def _reduce_once_over_data(accumulate, replicas: int):
+    """accumulate(params, batch, rng) -> (loss sum, gradient sum), run per data replica
+    (manual over the data axis, automatic over fsdp/tensor) and summed over the replicas
+    once, after the microbatch loop. Left to itself XLA reduces the gradients over the
+    data axis in every microbatch; across TPU slices that reduction crosses the
+    data-center network, so it must run once per step (tests/test_tpu.py counts it).
+    Used on multi-slice meshes (mesh.slices > 1) only: within a slice the per-microbatch
+    reduction rides the fast ICI torus, and the manual axis needs XLA workarounds (the
+    gathers in model.GPT.embed and lm_loss)."""
+
+    def local(params, batch_KxBxL1, rng_key):
+        rng_key = jax.random.fold_in(rng_key, jax.lax.axis_index("data"))
+        loss_sum, grad_sum = accumulate(params, batch_KxBxL1, rng_key)
+        mean = lambda x: jax.lax.psum(x, "data") / replicas  # noqa: E731
+        return mean(loss_sum), jax.tree.map(mean, grad_sum)
+
+    return jax.shard_map(
+        local,
+        in_specs=(P(), P(None, "data"), P()),
+        out_specs=(P(), P()),
+        axis_names={"data"},
+        check_vma=False,
+    )
 
 
 def jit_step(step_fn, mesh, state_sh, batch_sh):
@@ -350,7 +399,7 @@ def _train(cfg: Config, workdir: Path) -> dict:
                             "lr": float(got[-1][1]["lr"]),
                             "grad_norm": float(got[-1][1]["grad_norm"]),
                             "tokens_per_sec": tps,
-                            "mfu": tps * flops_tok / peak if peak else 0.0,
+                            "mfu": metrics.mfu(tps, flops_tok, peak),
                         }
                         if evaluating:
                             val_loss = evaluate(state.params)

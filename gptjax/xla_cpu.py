@@ -39,6 +39,11 @@ def cpu_lowering() -> bool:
     return not _portable and jax.default_backend() == "cpu"
 
 
+# The CPU forms below run under this name scope, so that their ops are named in HLO
+# metadata: tests/test_tpu.py checks that a TPU program has none.
+CPU_SCOPE = "xla_cpu_workaround"
+
+
 def no_fold(a):
     """a / (1 + 0 * a): equal to a for finite values, and a divide is an op XLA:CPU
     neither duplicates into its consumers' fusions nor folds into a neighbouring dot."""
@@ -55,7 +60,8 @@ def _barrier_fwd(x):
 
 
 def _barrier_bwd(_, g):
-    return (no_fold(g),)
+    with jax.named_scope(CPU_SCOPE):
+        return (no_fold(g),)
 
 
 _barrier.defvjp(_barrier_fwd, _barrier_bwd)
@@ -76,7 +82,8 @@ def project(x, w, n_in: int = 1):
         return jnp.tensordot(x, w, n_in)
     lead, out = x.shape[: x.ndim - n_in], w.shape[n_in:]
     size_in = math.prod(w.shape[:n_in])
-    y = matmul(x.reshape(-1, size_in), w.reshape(size_in, -1))
+    with jax.named_scope(CPU_SCOPE):
+        y = matmul(x.reshape(-1, size_in), w.reshape(size_in, -1))
     return y.reshape(*lead, *out)
 
 
@@ -95,11 +102,12 @@ def _matmul_bwd(res, g_TxO):
     # dW = x^T g contracts the tokens, the major axis of both operands: materialise the
     # smaller operand transposed (kept by no_fold) so the matmul runs on its fast path.
     x_TxI, w_IxO = res
-    dx_TxI = jax.lax.dot_general(g_TxO, w_IxO, (((1,), (1,)), ((), ())))
-    if x_TxI.shape[1] <= w_IxO.shape[1]:
-        dw_IxO = no_fold(x_TxI.T) @ g_TxO
-    else:
-        dw_IxO = no_fold(no_fold(g_TxO.T) @ x_TxI).T
+    with jax.named_scope(CPU_SCOPE):
+        dx_TxI = jax.lax.dot_general(g_TxO, w_IxO, (((1,), (1,)), ((), ())))
+        if x_TxI.shape[1] <= w_IxO.shape[1]:
+            dw_IxO = no_fold(x_TxI.T) @ g_TxO
+        else:
+            dw_IxO = no_fold(no_fold(g_TxO.T) @ x_TxI).T
     return dx_TxI, dw_IxO.astype(w_IxO.dtype)
 
 

@@ -48,3 +48,13 @@ def test_keep_freed_memory_stops_refaulting_large_blocks():
     # 2 x 256 MB is 131072 pages of 4 KiB: the default faults them all in again.
     assert default_faults > 100_000, default_faults
     assert kept_faults < default_faults / 20, (kept_faults, default_faults)
+
+
+def test_applied_only_where_the_backend_is_the_cpu():
+    env = dict(os.environ, **{hostmem.ENV_OPT_OUT: "1", "JAX_PLATFORMS": "tpu"})
+    code = "from gptjax import hostmem; print(hostmem.keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["False"]
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["True"]

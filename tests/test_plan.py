@@ -69,10 +69,11 @@ def test_step_time_from_flops_and_mfu(plans):
     from gptjax.model import flops_per_token
 
     cfg, p = tiny(), plans["fsdp"]
+    h100 = DEVICES["NVIDIA H100 80GB HBM3"]
     tokens = cfg.train.batch_size * cfg.model.seq_len
-    expect = flops_per_token(cfg.model) * tokens / (8 * DEVICES["h100"].peak_flops * 0.4)
+    expect = flops_per_token(cfg.model) * tokens / (8 * h100.peak_flops * 0.4)
     assert p.step_seconds == pytest.approx(expect)
-    assert p.fits and p.hbm == DEVICES["h100"].hbm_bytes
+    assert p.fits and p.hbm == h100.hbm_bytes
 
 
 def test_extrapolation_over_data_replicas_matches_the_real_compile(plans):
@@ -144,7 +145,7 @@ def test_cli_plans_with_its_own_device_count():
     )
     assert out.returncode == 0, out.stderr
     assert "mesh data=2,fsdp=8,tensor=1 (16 devices)" in out.stdout
-    assert "tpu v5p: 95.0 GiB" in out.stdout and "FITS" in out.stdout
+    assert "v5p (TPU v5): 95.0 GiB" in out.stdout and "FITS" in out.stdout
     bad = subprocess.run(
         [*base, "--mesh", "data=3,fsdp=-1", "--devices", "16"],
         env=env,

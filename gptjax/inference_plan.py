@@ -1,0 +1,150 @@
+"""`gptjax plan --step eval|decode`: the memory of the evaluation and decoding programs,
+compiled ahead of time with abstract inputs on any mesh (gptjax.tpu: a TPU topology's).
+
+eval is the scoring program of `gptjax eval` (eval.scoring.make_score_fn): G rows, each
+a left-padded context of P tokens prefilled into a KV cache of n_ctx slots and a packed
+chunk of T continuation tokens, the LM head applied to the scored positions in blocks
+over vocabulary chunks, parameters in the compute dtype (as evaluation loads them). The
+plan takes the worst case a row can be: P + T = n_ctx, T = 128.
+
+decode is one KV-cache decode step of generate.py's loop (model.GPT.decode of one token
+per row) over a cache of n_ctx slots, the cache donated as the loop carries it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gptjax import model, plan, sharding
+from gptjax.config import Config
+
+CHUNK = 128  # continuation tokens per scoring row
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    step: str
+    shape: str  # what one call computes
+    params: int  # bytes per device
+    total: int
+    xla: dict
+    hbm: int
+    usable: float
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.usable * self.hbm
+
+
+def _struct(shape, dtype, mesh, logical) -> jax.ShapeDtypeStruct:
+    spec = sharding.logical_to_spec(logical, shape, mesh)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+
+def abstract_params(cfg: Config, mesh):
+    """(graphdef, parameters as ShapeDtypeStructs in the compute dtype with their
+    derived shardings)."""
+    graphdef, abstract = model.abstract_model(cfg.model)
+    shardings = sharding.param_shardings(abstract, mesh)
+    dtype = jnp.dtype(cfg.model.compute_dtype)
+    params = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s),
+        nnx.to_pure_dict(abstract),
+        shardings,
+    )
+    return graphdef, params
+
+
+def eval_program(cfg: Config, mesh, batch: int):
+    """(jitted scoring function, its abstract arguments, description)."""
+    from gptjax.eval import scoring
+
+    m = cfg.model
+    graphdef, params = abstract_params(cfg, mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    g = scoring.row_bucket(batch, shards)
+    t = min(CHUNK, m.seq_len // 2)
+    p = m.seq_len - t
+    n = -(-(g * (t + 1)) // math.lcm(128, shards)) * math.lcm(128, shards)
+    c = scoring.vocab_chunks(m.padded_vocab, mesh.shape["tensor"])
+    dt = jnp.dtype(m.compute_dtype)
+    head = _struct((c, m.d_model, m.padded_vocab // c), dt, mesh, (None, "embed", "vocab"))
+
+    def rows(*shape):
+        return _struct(shape, jnp.int32, mesh, ("batch",) + (None,) * (len(shape) - 1))
+
+    args = (params, head, rows(g, p), rows(g), rows(g, t), rows(g, t), rows(g, t))
+    args += (rows(n), rows(n), jax.ShapeDtypeStruct((), jnp.int32))
+    shape = (
+        f"{g} rows x ({p} context + {t} chunk) tokens, {n} scored positions, LM head in "
+        f"{c} vocabulary chunk(s), parameters in {m.compute_dtype}"
+    )
+    return jax.jit(scoring.make_score_fn(graphdef, m)), args, shape
+
+
+def decode_program(cfg: Config, mesh, batch: int):
+    """(jitted one-token decode step, its abstract arguments, description)."""
+    m = cfg.model
+    graphdef, params = abstract_params(cfg, mesh)
+    dt = jnp.dtype(m.compute_dtype)
+    s = m.seq_len
+    kv = _struct((batch, m.kv_heads, s, m.head_dim), dt, mesh, ("batch", "kv_heads", None, None))
+    cache = model.KVCache(
+        (kv,) * m.n_layer,
+        (kv,) * m.n_layer,
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P())),
+        _struct((batch, s), jnp.bool_, mesh, ("batch", None)),
+        fresh=False,
+    )
+    head = _struct((m.d_model, m.padded_vocab), dt, mesh, ("embed", "vocab"))
+    if not m.tie_embeddings:
+        head = None
+    tokens = _struct((batch, 1), jnp.int32, mesh, ("batch", None))
+
+    def step(params, head_DxV, cache, tokens_Bx1, positions_Bx1):
+        return nnx.merge(graphdef, params).decode(tokens_Bx1, positions_Bx1, cache, head_DxV)
+
+    shape = f"{batch} sequences x 1 token, a KV cache of {s} slots in {m.compute_dtype}"
+    return jax.jit(step, donate_argnums=2), (params, head, cache, tokens, tokens), shape
+
+
+def plan_step(cfg: Config, step: str, mesh, batch: int, hbm: int, usable: float) -> StepPlan:
+    """Compile the eval or decode program on `mesh` and account its per-device memory."""
+    program = {"eval": eval_program, "decode": decode_program}[step]
+    if batch % (mesh.shape["data"] * mesh.shape["fsdp"]) and step == "decode":
+        raise plan.PlanError(
+            f"--batch {batch} does not split over data*fsdp="
+            f"{mesh.shape['data'] * mesh.shape['fsdp']}"
+        )
+    with jax.set_mesh(mesh):
+        fn, args, shape = program(cfg, mesh, batch)
+        compiled = fn.lower(*args).compile()
+    xla = plan.xla_fields(compiled)
+    params = plan.shard_bytes(args[0], jax.tree.map(lambda a: a.sharding, args[0]))
+    total = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"]
+    return StepPlan(step, shape, params, total, xla, hbm, usable)
+
+
+def format_step_plan(p: StepPlan, layout, notes=()) -> str:
+    gib = 2**30
+    return "\n".join(
+        [
+            f"{p.step} step on mesh {layout} ({layout.devices} devices): {p.shape}",
+            f"  parameters           {p.params / gib:8.2f} GiB",
+            f"  everything else      {(p.total - p.params) / gib:8.2f} GiB  (KV cache, "
+            f"activations, logits, inputs)",
+            f"  total per device     {p.total / gib:8.2f} GiB",
+            f"  {p.hbm / gib:.1f} GiB per device, plan budget {p.usable * p.hbm / gib:.1f} GiB "
+            f"({p.usable:.0%}): {'FITS' if p.fits else 'DOES NOT FIT'}",
+            f"  memory_analysis per device: argument {p.xla['argument']:,} output "
+            f"{p.xla['output']:,} alias {p.xla['alias']:,} temp {p.xla['temp']:,} bytes",
+            *notes,
+        ]
+    )
