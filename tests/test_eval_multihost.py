@@ -58,13 +58,13 @@ def eval_args(ckpt, data: Path, out: Path) -> list[str]:
         "eval", "--checkpoint", str(ckpt),
         "--task", f"hellaswag={data / 'hellaswag' / 'hellaswag_val_first200.txt'}",
         "--task", f"piqa={data / 'piqa' / 'valid_first200.jsonl'}",
-        "--limit", "12", "--shots", "0,1", "--batch-size", "8", "--mesh", "2,2,2",
+        "--limit", "12", "--shots", "0,1", "--batch-size", "8", "--mesh", "data=2,fsdp=2,tensor=2",
         "--output", str(out / "results.json"), "--log-samples", str(out / "samples.jsonl"),
     ]  # fmt: skip
 
 
 def test_two_processes_score_like_one(ckpt, shared_data, tmp_path):
-    """2 processes x 4 devices and 1 process x 8, mesh 2,2,2 (parameters sharded over
+    """2 processes x 4 devices and 1 process x 8, mesh data=2,fsdp=2,tensor=2 (parameters sharded over
     both processes): every loglikelihood bitwise equal; only process 0 writes."""
     logs = {}
     for n in (2, 1):
