@@ -394,8 +394,9 @@ def _eval(args, overrides) -> int:
 
     from gptjax.checkpoint import CheckpointError
     from gptjax.eval.harness import RunOptions, run
-    from gptjax.eval.scoring import EvalModel
+    from gptjax.eval.scoring import EvalModel, compile_cache_dir, use_compile_cache
 
+    use_compile_cache(None if args.no_compile_cache else compile_cache_dir())
     try:
         mesh = make_mesh(args.mesh)
         model = EvalModel.load(
@@ -611,6 +612,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=("bfloat16", "float32"), default=None,
         help="the weights are read in, and scoring runs in, this dtype (default: the "
         "checkpoint's compute dtype)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-compile-cache", action="store_true",
+        help="do not keep compiled scoring programs in ~/.cache/gptjax/jax "
+        "($XDG_CACHE_HOME; JAX_COMPILATION_CACHE_DIR, when set, wins)",
     )  # fmt: skip
     p.add_argument("--tfds-data-dir", default=None)
     p.set_defaults(func=_eval, takes_overrides=False)

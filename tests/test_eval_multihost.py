@@ -152,3 +152,31 @@ def test_weights_read_in_the_scoring_dtype_onto_their_shardings(ckpt):
     want = [ll for ll, _, _ in f32.loglikelihood(pairs)]
     assert got != want
     np.testing.assert_allclose(got, want, rtol=0.02)
+
+
+def test_compile_cache_on_by_default_in_the_user_cache_dir(ckpt, shared_data, tmp_path):
+    """A fresh `gptjax eval` keeps its compiled programs in $XDG_CACHE_HOME/gptjax/jax,
+    a second run finds them there; --no-compile-cache keeps none."""
+    from gptjax.eval.scoring import compile_cache_dir
+
+    assert compile_cache_dir({"HOME": "/h"}) == Path("/h/.cache/gptjax/jax")
+    args = [
+        sys.executable, "-m", "gptjax", "eval", "--checkpoint", str(ckpt),
+        "--task", f"piqa={shared_data / 'piqa' / 'valid_first200.jsonl'}", "--limit", "2",
+    ]  # fmt: skip
+    base = env(1)
+    base.pop("JAX_COMPILATION_CACHE_DIR", None)
+    for off in (False, True):
+        home = tmp_path / ("off" if off else "on")
+        cmd = args + ["--no-compile-cache"] * off
+        out = subprocess.run(
+            cmd, env=base | {"XDG_CACHE_HOME": str(home)}, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        cache = home / "gptjax" / "jax"
+        if off:
+            assert not cache.exists()
+        else:
+            entries = sorted(p.name for p in cache.iterdir())
+            assert entries, "nothing cached"
