@@ -23,6 +23,17 @@ from gptjax.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 
+# Arrays are stored in chunks of at most this many bytes. A reader decodes whole chunks,
+# so one chunk per array (Orbax's default for an unsharded array) would make every
+# process of a sharded restore read and decompress each whole array, at GPT-3 size
+# more than one host holds; small chunks keep a restore's transient memory to a few.
+CHUNK_BYTES = 16 * 2**20
+
+
+def chunked(tree):
+    """Orbax SaveArgs for `tree` that store it in chunks of at most CHUNK_BYTES."""
+    return jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used with the current config."""
@@ -360,7 +371,7 @@ def save_params(directory: str | Path, config: dict, params, tokenizer: dict | N
         manager.save(
             0,
             args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
+                params=ocp.args.StandardSave(params, save_args=chunked(params)),
                 config=ocp.args.JsonSave(config),
                 tokenizer=ocp.args.JsonSave(tokenizer or {}),
             ),

@@ -393,14 +393,17 @@ def _parse_shots(text: str) -> tuple[int, ...]:
 def _eval(args, overrides) -> int:
     """`gptjax eval`: 0 ok, 1 a task failed at run time (others still reported),
     2 bad input (task, data file, checkpoint, arguments)."""
+    from gptjax import distributed
+    from gptjax.config import ConfigError, DistributedConfig
     from gptjax.eval.tasks import EvalInputError, parse_task_arg, resolve_task
     from gptjax.sharding import make_mesh, parse_mesh
 
     def bad(msg) -> int:
         print(f"gptjax eval: {msg}", file=sys.stderr)
-        return 2
+        return distributed.leave(2)  # one process of several: do not wait for the others
 
-    try:
+    try:  # before anything starts a JAX backend: one process of several, or alone
+        distributed.initialize(DistributedConfig())
         shots = _parse_shots(args.shots)
         parse_mesh(args.mesh)  # a bad --mesh is bad input, said before any model work
         fewshot_from = dict(parse_task_arg(x) for x in args.fewshot_from)
@@ -423,19 +426,25 @@ def _eval(args, overrides) -> int:
             raise ValueError("--max-gen-tokens must be >= 1")
         # Every task is read and checked before any model work.
         tasks = [resolve_task(t, fewshot_from, args.tfds_data_dir) for t in args.task]
-    except (EvalInputError, ValueError) as e:
+    except (ConfigError, EvalInputError, ValueError) as e:
         return bad(e)
+
+    import jax
 
     from gptjax.checkpoint import CheckpointError
     from gptjax.eval.harness import RunOptions, run
-    from gptjax.eval.scoring import EvalModel
+    from gptjax.eval.scoring import EvalModel, compile_cache_dir, use_compile_cache
 
+    use_compile_cache(None if args.no_compile_cache else compile_cache_dir())
     try:
         mesh = make_mesh(args.mesh)
-        model = EvalModel.load(args.checkpoint, mesh=mesh, batch_size=args.batch_size)
+        model = EvalModel.load(
+            args.checkpoint, mesh=mesh, batch_size=args.batch_size, dtype=args.dtype
+        )
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         return bad(e)
     plot = args.plot or (args.output.with_suffix(".png") if args.output else None)
+    writer = jax.process_index() == 0  # every process scores (its rows); process 0 writes
     opts = RunOptions(
         shots=shots,
         limit=args.limit,
@@ -443,21 +452,28 @@ def _eval(args, overrides) -> int:
         max_gen_tokens=args.max_gen_tokens,
         num_beams=args.num_beams,
         length_penalty=args.length_penalty,
-        output=args.output,
-        samples=args.log_samples,
-        plot=plot,
+        output=args.output if writer else None,
+        samples=args.log_samples if writer else None,
+        plot=plot if writer else None,
     )
     meta = {"checkpoint": str(args.checkpoint), "mesh": dict(mesh.shape)}
-    report = run(model, tasks, opts, meta)
-    print(report["table"])
-    from gptjax.eval.synthetic import paper_tables
+    meta |= {"dtype": model.cfg.compute_dtype, "processes": jax.process_count()}
+    try:
+        report = run(model, tasks, opts, meta)
+    except Exception as e:
+        if distributed.is_multiprocess():  # the others are stuck in a collective with us
+            distributed.exit_now(e)
+        raise
+    if writer:
+        print(report["table"])
+        from gptjax.eval.synthetic import paper_tables
 
-    paper = paper_tables(report["results"], Path(str(args.checkpoint).rstrip("/")).name)
-    if paper:
-        print("\n" + paper)
-    for path in (args.output, plot, args.log_samples):
-        if path:
-            print(f"wrote {path}")
+        paper = paper_tables(report["results"], Path(str(args.checkpoint).rstrip("/")).name)
+        if paper:
+            print("\n" + paper)
+        for path in (opts.output, opts.plot, opts.samples):
+            if path:
+                print(f"wrote {path}")
     return 1 if any("error" in r for r in report["results"]) else 0
 
 
@@ -639,6 +655,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="data=-1",
         help="data=D,fsdp=F,tensor=T (default: all devices data-parallel)",
     )
+    p.add_argument(
+        "--dtype", choices=("bfloat16", "float32"), default=None,
+        help="the weights are read in, and scoring runs in, this dtype (default: the "
+        "checkpoint's compute dtype)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-compile-cache", action="store_true",
+        help="do not keep compiled scoring programs in ~/.cache/gptjax/jax "
+        "($XDG_CACHE_HOME; JAX_COMPILATION_CACHE_DIR, when set, wins)",
+    )  # fmt: skip
     p.add_argument("--tfds-data-dir", default=None)
     p.set_defaults(func=_eval, takes_overrides=False)
     return parser

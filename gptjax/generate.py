@@ -292,19 +292,31 @@ def read_checkpoint_info(checkpoint) -> tuple[ModelConfig, object]:
     return config_lib.from_dict(stored).model, tokenizer_from_record(record) if record else None
 
 
-def load(checkpoint, mesh=None, info=None) -> Loaded:
+def load(checkpoint, mesh=None, info=None, dtype: str | None = None) -> Loaded:
     """Load a checkpoint (converted, or a training workdir's latest step) for generation.
     With a mesh the parameters are read straight onto the shardings gptjax.sharding
-    derives for training (as gptjax.eval does), never as an unsharded copy first."""
+    derives for training (as gptjax.eval does), never as an unsharded copy first.
+
+    dtype ("bfloat16", "float32"; default: as stored) is the dtype the parameters are
+    read in and the model computes in: Orbax casts each shard as it reads it, so a
+    bfloat16 evaluation of a float32 checkpoint never holds the float32 weights."""
     from gptjax import sharding
     from gptjax.checkpoint import abstract_with_shardings, load_params
 
     cfg, tokenizer = info or read_checkpoint_info(checkpoint)
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, param_dtype=dtype, compute_dtype=dtype)
     graphdef, abstract = model_lib.abstract_model(cfg)
     abstract_params = None
     if mesh is not None:
         shardings = sharding.param_shardings(abstract, mesh)
         abstract_params = abstract_with_shardings(nnx.to_pure_dict(abstract), shardings)
+    elif dtype is not None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract_params = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+            nnx.to_pure_dict(abstract),
+        )
     _, params, _ = load_params(checkpoint, abstract_params)
     return Loaded(cfg, graphdef, params, tokenizer, mesh)
 

@@ -229,3 +229,19 @@ def test_registered_and_rolling_and_generate(lm_eval, gpt2, shared_data):
         [Instance("generate_until", {}, (prompt, {"until": ["\n"], "max_gen_toks": max_new}), 0)]
     )
     assert gen == want_text
+
+
+def test_registering_gptjax_keeps_lm_eval_built_in_models():
+    """Importing the adapter before lm-eval has loaded its models (a fresh process)
+    must not hide them: simple_evaluate(model="hf") looks "hf" up with get_model."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gptjax.eval.lm_eval_adapter as a\n"
+        "from lm_eval.api.registry import get_model\n"
+        "assert get_model('gptjax') is a.GptjaxLM\n"
+        "print(get_model('hf').__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "HFLM", out.stderr[-2000:]

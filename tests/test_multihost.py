@@ -17,8 +17,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from processes import free_port, kill_and_check_survivor
 
 from gptjax.checkpoint import Checkpointer, checkpoint_dir, load_params
 from gptjax.config import ConfigError, DistributedConfig
@@ -163,12 +162,6 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(runs, tmp
             np.testing.assert_allclose(v, uninterrupted[step][k], rtol=1e-5, err_msg=k)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("victim", [1, 0], ids=["worker", "coordinator"])
 def test_a_dead_process_stops_the_others(runs, tmp_path, victim):
     """SIGKILL one process mid-run (process 0 also hosts the coordination service): the
@@ -195,25 +188,13 @@ def test_a_dead_process_stops_the_others(runs, tmp_path, victim):
         )
         for i in range(2)
     ]
-    survivor = 1 - victim
     try:
         deadline = time.monotonic() + 240
         while last_step(tmp_path) < 2:
             assert all(p.poll() is None for p in procs), [f.read_text()[-2000:] for f in logs]
             assert time.monotonic() < deadline, "no step 2 in 240 s"
             time.sleep(0.1)
-        procs[victim].send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        procs[survivor].wait(timeout=HEARTBEAT + 40)  # TimeoutExpired: it hangs
-        rc = procs[survivor].returncode
-        print(f"process {survivor}: status {rc}, {time.monotonic() - killed:.1f}s")
-        stderr = logs[survivor].read_text()
-        if rc == 1:
-            assert f"gptjax: process {survivor} of 2 failed: JaxRuntimeError" in stderr, stderr
-            assert "another process has probably died" in stderr
-        else:
-            assert rc == -signal.SIGABRT, stderr[-3000:]
-            assert "Terminating process because the JAX distributed service detected" in stderr
+        kill_and_check_survivor(procs, logs, victim, HEARTBEAT + 40)
     finally:
         for p in procs:
             p.kill()

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from gptjax import distributed
 from gptjax.eval import fewshot, generation, metrics
 from gptjax.eval.scoring import EvalModel
 from gptjax.eval.tasks import Example, Task
@@ -352,6 +353,8 @@ def run(
                 try:
                     result, samples = evaluate_task(model, task, k, opts)
                 except Exception as e:  # one bad task must not lose the others' results
+                    if distributed.is_multiprocess():  # the processes run in lockstep
+                        raise
                     log.exception("task %s K=%d failed", task.name, k)
                     report["results"].append(
                         {"task": task.name, "k": k, "error": f"{type(e).__name__}: {e}"}

@@ -4,6 +4,7 @@
     from gptjax.eval.lm_eval_adapter import GptjaxLM   # registers "gptjax"
     lm_eval.simple_evaluate(model=GptjaxLM(checkpoint="DIR"), tasks=["hellaswag"])
     # or: simple_evaluate(model="gptjax", model_args="checkpoint=DIR,batch_size=32", ...)
+    # model_args may add dtype=bfloat16: the weights are read, and scored, in bfloat16
 
 lm-eval's TemplateLM does the tokenisation (context/continuation split, empty contexts
 as EOS); the scoring is gptjax.eval.scoring's, the same code `gptjax eval` runs, so the
@@ -12,12 +13,15 @@ two agree token for token. This module imports lm_eval; nothing else in gptjax d
 
 from __future__ import annotations
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models first; see below)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from gptjax.eval.scoring import EvalModel
 
 
+# lm-eval fills its registry with its built-in models (a lazy table, no torch) only when
+# the registry is empty: registering "gptjax" first would hide "hf" and the others.
 @register_model("gptjax")
 class GptjaxLM(TemplateLM):
     def __init__(
@@ -26,6 +30,7 @@ class GptjaxLM(TemplateLM):
         batch_size: int | str = 32,
         mesh: str = "data=-1",
         max_gen_toks: int = 256,
+        dtype: str | None = None,
         model: EvalModel | None = None,
         **_ignored,
     ):
@@ -36,7 +41,9 @@ class GptjaxLM(TemplateLM):
             from gptjax.sharding import make_mesh
 
             bs = int(batch_size) if str(batch_size).isdigit() else 32
-            model = EvalModel.load(checkpoint, mesh=make_mesh(str(mesh)), batch_size=bs)
+            model = EvalModel.load(
+                checkpoint, mesh=make_mesh(str(mesh)), batch_size=bs, dtype=dtype or None
+            )
         self.model = model
         self.max_gen_toks = int(max_gen_toks)
 

@@ -43,6 +43,7 @@ import logging
 import math
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -130,7 +131,44 @@ def row_bucket(n: int, multiple: int = 1) -> int:
     return -(-size // multiple) * multiple
 
 
+# ----------------------------------------------------------------------------- compile cache
+
+
+def compile_cache_dir(environ=None) -> Path:
+    """Where evaluation keeps JAX's persistent compilation cache by default: the user's
+    cache directory ($XDG_CACHE_HOME, else ~/.cache), gptjax/jax."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_CACHE_HOME") or Path(environ.get("HOME", "~")) / ".cache"
+    return Path(base).expanduser() / "gptjax" / "jax"
+
+
+def use_compile_cache(directory: Path | None) -> str | None:
+    """Turn JAX's persistent compilation cache on in `directory` unless one is already
+    configured (JAX_COMPILATION_CACHE_DIR, a caller's jax.config); None turns nothing on.
+    A user evaluates a checkpoint once, in a fresh process, so a scoring program's
+    compile (seconds each, a handful per task) is otherwise paid on every run. Returns
+    the cache directory in use."""
+    if jax.config.jax_compilation_cache_dir or directory is None:
+        return jax.config.jax_compilation_cache_dir or None
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    return str(directory)
+
+
 # ----------------------------------------------------------------------------- device
+
+
+def fetch(x) -> np.ndarray:
+    """A result as one host array on every process (with several processes each holds
+    only its devices' rows until they are gathered)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
 
 _HEAD_BLOCK = 128  # positions per LM-head block in make_score_fn
 _HEAD_WIDTH = 4096  # at most this many vocabulary entries per LM-head chunk
@@ -275,11 +313,16 @@ class Scorer:
         return self.cfg.seq_len
 
     def _place(self, *arrays):
+        """Host arrays (the same on every process) -> global arrays split over the batch
+        shards; each process fills only the rows of its own devices."""
         if self.mesh is None:
             return [jnp.asarray(a) for a in arrays]
         from gptjax.sharding import batch_sharding
 
-        return [jax.device_put(a, batch_sharding(self.mesh, a.ndim)) for a in arrays]
+        return [
+            jax.make_array_from_callback(a.shape, batch_sharding(self.mesh, a.ndim), a.__getitem__)
+            for a in arrays
+        ]
 
     def _call(self, fn, *args):
         if self.mesh is None:
@@ -341,7 +384,7 @@ class Scorer:
             pending.append((batch, self._dispatch(batch)))
             throttle([out for _, out in pending])
         for batch, (lp, hit) in pending:
-            lp, hit = np.asarray(lp).astype(np.float64), np.asarray(hit)
+            lp, hit = fetch(lp).astype(np.float64), fetch(hit)
             start = 0
             for gr in batch:
                 for i, c in gr.conts:
@@ -435,7 +478,7 @@ class Scorer:
             pending.append((idx, self._call(fn, self.params, tokens_d, pad_d, jax.random.key(0))))
             throttle([out for _, out in pending])
         for idx, (new, lengths) in pending:
-            new, lengths = np.asarray(new), np.asarray(lengths)
+            new, lengths = fetch(new), fetch(lengths)
             for j, i in enumerate(idx):
                 out[i] = [int(x) for x in new[j, : lengths[j]]]
         return out
@@ -462,14 +505,18 @@ class EvalModel:
         )
 
     @classmethod
-    def load(cls, checkpoint, *, mesh=None, batch_size: int = 32, **kw) -> EvalModel:
+    def load(
+        cls, checkpoint, *, mesh=None, batch_size: int = 32, dtype: str | None = None, **kw
+    ) -> EvalModel:
         """Parameters are read straight onto their mesh shardings (no unsharded copy),
-        as for generation (gptjax.generate.load)."""
-        from gptjax.generate import load
+        as for generation (gptjax.generate.load), in `dtype`, the dtype scoring runs in
+        (default: the checkpoint's compute dtype)."""
+        from gptjax.generate import load, read_checkpoint_info
 
-        loaded = load(checkpoint, mesh)
-        if loaded.tokenizer is None:
+        cfg, tokenizer = read_checkpoint_info(checkpoint)
+        if tokenizer is None:
             raise ValueError(f"{checkpoint} has no tokenizer; evaluation needs one")
+        loaded = load(checkpoint, mesh, (cfg, tokenizer), dtype or cfg.compute_dtype)
         return cls.from_params(
             loaded.cfg, loaded.params, loaded.tokenizer, mesh=mesh, batch_size=batch_size, **kw
         )
