@@ -74,8 +74,8 @@ class Checkpointer:
         self._echoes = _WriteFailureEchoes()
         for name in ("absl", "asyncio"):
             logging.getLogger(name).addFilter(self._echoes)
-        self._excepthook = sys.excepthook
-        sys.excepthook = self._quiet_excepthook
+        self._excepthook, self._unraisablehook = sys.excepthook, sys.unraisablehook
+        sys.excepthook, sys.unraisablehook = self._quiet_excepthook, self._quiet_unraisablehook
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True
         )
@@ -274,12 +274,20 @@ class Checkpointer:
             # After a failure the echoes go on after close (the process is leaving).
             if sys.excepthook == self._quiet_excepthook and not self._failed:
                 sys.excepthook = self._excepthook
+            if sys.unraisablehook == self._quiet_unraisablehook and not self._failed:
+                sys.unraisablehook = self._unraisablehook
 
     def _quiet_excepthook(self, kind, value, tb) -> None:
         """Tensorstore reports a write callback that finds its event loop closed (one per
         pending write of a failed save) through sys.excepthook: an echo too."""
         if not any(echo in str(value) for echo in _WriteFailureEchoes.ECHOES):
             self._excepthook(kind, value, tb)
+
+    def _quiet_unraisablehook(self, unraisable) -> None:
+        """Others come as unraisable exceptions (PyErr_WriteUnraisable from tensorstore's
+        threads, as a bare traceback): echoes too."""
+        if not any(echo in str(unraisable.exc_value) for echo in _WriteFailureEchoes.ECHOES):
+            self._unraisablehook(unraisable)
 
 
 def shape_diffs(want_tree, have_tree, limit: int = 8) -> str:
