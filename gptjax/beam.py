@@ -48,12 +48,8 @@ def make_beam_fn(graphdef, cfg: ModelConfig, sampling):
         del key  # deterministic
         model = nnx.merge(graphdef, params)
         b, p = tokens_BxP.shape
-        slots = p + n_new
-        key_valid_BxS = jnp.arange(slots)[None, :] >= pad_B[:, None]
-        cache = KVCache.empty(cfg, b, slots, key_valid_BxS)
-        positions_BxP = jnp.maximum(jnp.arange(p)[None, :] - pad_B[:, None], 0)
         layer_params = model.layer_params()
-        logits_BxPxV, cache = model.decode(tokens_BxP, positions_BxP, cache, head_DxV, layer_params)
+        logits_BxPxV, cache = model.prefill(tokens_BxP, pad_B, p + n_new, head_DxV, layer_params)
         rows = jnp.repeat(jnp.arange(b), k)  # prompt of each beam row
         cache = gather_rows(cache, rows)
         logits_RxV = logits_BxPxV[:, -1][rows]

@@ -22,7 +22,6 @@ from flax import nnx
 
 from gptjax import model as model_lib
 from gptjax.config import ModelConfig
-from gptjax.model import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +115,8 @@ def make_generate_fn(graphdef, cfg: ModelConfig, sampling: Sampling):
     def generate(params, head_DxV, tokens_BxP, pad_B, key):
         model = nnx.merge(graphdef, params)
         b, p = tokens_BxP.shape
-        slots = p + n_new
-        key_valid_BxS = jnp.arange(slots)[None, :] >= pad_B[:, None]
-        cache = KVCache.empty(cfg, b, slots, key_valid_BxS)
-        positions_BxP = jnp.maximum(jnp.arange(p)[None, :] - pad_B[:, None], 0)
         layer_params = model.layer_params()  # sliced once, outside the loop
-        logits_BxPxV, cache = model.decode(tokens_BxP, positions_BxP, cache, head_DxV, layer_params)
+        logits_BxPxV, cache = model.prefill(tokens_BxP, pad_B, p + n_new, head_DxV, layer_params)
 
         def cond(carry):
             i, _, _, _, done_B, _ = carry

@@ -492,6 +492,15 @@ class GPT(nnx.Module):
             index=cache.index + tokens_BxT.shape[1], fresh=False
         )
 
+    def prefill(self, tokens_BxP, pad_B, slots: int, head_DxV=None, layer_params=None):
+        """Logits [B, P, V] of left-padded prompts (pad_B padding slots each) and a fresh
+        cache of `slots` slots holding them: the start of every decoding loop."""
+        b, p = tokens_BxP.shape
+        key_valid_BxS = jnp.arange(slots)[None, :] >= pad_B[:, None]
+        cache = KVCache.empty(self.cfg, b, slots, key_valid_BxS)
+        positions_BxP = jnp.maximum(jnp.arange(p)[None, :] - pad_B[:, None], 0)
+        return self.decode(tokens_BxP, positions_BxP, cache, head_DxV, layer_params)
+
     def logits(self, h_BxLxD, head_DxV=None):
         """Logits [B, L, V_padded]. head_DxV (see `decode_head`) replaces a tied head."""
         dt = h_BxLxD.dtype
