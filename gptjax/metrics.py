@@ -65,8 +65,9 @@ def device_info(kind: str) -> Device | None:
 @functools.cache
 def cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
     """This host's measured f32 matmul FLOP/s (the best of a few n x n matmuls on one
-    CPU device, all its threads): the CPU's MFU peak, probed once per process."""
-    device = jax.devices("cpu")[0]
+    CPU device of this process, all its threads): the CPU's MFU peak, probed once per
+    process (on a device of its own: another process's cannot take its arrays)."""
+    device = jax.local_devices(backend="cpu")[0]
     best = math.inf
     # On one device whatever mesh the caller (the trainer) has set.
     with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("probe",))):
