@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--params", choices=("params", "params_total"), default="params",
                    help="N: non-embedding (params, default) or all parameters")  # fmt: skip
     f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (0: none)")
+    f.add_argument("--metric", metavar="eval/TASK/METRIC",
+                   help="fit this few-shot metric (a results column) against compute C "
+                   "instead of the loss: its error = E + A / C^alpha (docs/scaling.md)")  # fmt: skip
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=commands.scaling_fit_command, takes_overrides=False)
 

@@ -239,8 +239,14 @@ def scaling_fit_command(args, _overrides) -> int:
     from gptjax import scaling
 
     try:
-        scaling.main(args.results, budget=args.budget, out=args.out, params=args.params,
-                     bootstrap=args.bootstrap, seed=args.seed)  # fmt: skip
+        if args.metric:
+            from gptjax import scaling_metric
+
+            scaling_metric.main(args.results, args.metric, budget=args.budget, out=args.out,
+                                bootstrap_samples=args.bootstrap, seed=args.seed)  # fmt: skip
+        else:
+            scaling.main(args.results, budget=args.budget, out=args.out, params=args.params,
+                         bootstrap=args.bootstrap, seed=args.seed)  # fmt: skip
     except scaling.ScalingError as e:
         print(f"gptjax: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +122,13 @@ class TrainConfig:
     batch_ramp_start: int = 0
     batch_ramp_steps: int = 0
     log_every: int = 10
-    eval_every: int = 100
+    eval_every: int = 100  # held-out loss, and eval_tasks, every this many steps (and at the end)
     eval_batches: int = 8
+    # Few-shot tasks scored at every eval_every from the training parameters, logged as
+    # eval/NAME/METRIC (docs/eval.md): each `NAME[=PATH][:K[:LIMIT]]`, the task as
+    # `gptjax eval --task` takes it, K demonstrations (default 0), its first LIMIT
+    # examples (default all). On the command line: comma-separated.
+    eval_tasks: tuple[str, ...] = ()
     peak_flops: float = 0.0  # per device, FLOP/s; 0 looks the device up in the peak table
     sample_tokens: int = 64  # sample printed at the end; 0 disables
     sample_prompt: str = ""
@@ -269,6 +274,36 @@ class ConfigError(ValueError):
     """A config file, override or value that cannot be used."""
 
 
+class EvalTaskSpec(NamedTuple):
+    """One entry of train.eval_tasks."""
+
+    task: str  # as `gptjax eval --task` takes it: NAME or NAME=PATH
+    name: str  # the NAME of eval/NAME/METRIC
+    shots: int
+    limit: int | None  # None: every example
+
+
+def parse_eval_task(spec: str) -> EvalTaskSpec:
+    """`NAME[=PATH][:K[:LIMIT]]` -> EvalTaskSpec; only trailing `:digits` fields (an
+    empty one keeps its default) are K and LIMIT, so a path may hold other colons."""
+    parts = spec.split(":")
+    numbers = []
+    while len(parts) > 1 and len(numbers) < 2 and (parts[-1].isdigit() or parts[-1] == ""):
+        numbers.insert(0, parts.pop())
+    task = ":".join(parts)
+    name = task.partition("=")[0]
+    if not name or name != name.strip() or "/" in name:
+        raise ConfigError(
+            f"train.eval_tasks: {spec!r} is not NAME[=PATH][:K[:LIMIT]] (e.g. "
+            "hellaswag=data/hellaswag_val.jsonl:0:500)"
+        )
+    shots = int(numbers[0]) if numbers and numbers[0] else 0
+    limit = int(numbers[1]) if len(numbers) > 1 and numbers[1] else None
+    if limit == 0:
+        raise ConfigError(f"train.eval_tasks: {spec!r}: LIMIT must be positive")
+    return EvalTaskSpec(task, name, shots, limit)
+
+
 def coerce(text: str, annotation, key: str):
     """Parse a command-line string into the field's declared type."""
     origin = typing.get_origin(annotation)
@@ -399,6 +434,13 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"train.{name} must be positive")
     if cfg.checkpoint.every_steps <= 0 or cfg.checkpoint.keep <= 0:
         raise ConfigError("checkpoint.every_steps and checkpoint.keep must be positive")
+    names = [parse_eval_task(s).name for s in t.eval_tasks]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(
+            f"train.eval_tasks names {', '.join(twice)} more than once: each task's metrics "
+            "are logged as eval/NAME/METRIC, so a task may appear once"
+        )
     return cfg
 
 

@@ -1,4 +1,5 @@
-"""Run metrics: MFU accounting, metrics.jsonl + TensorBoard + console, the loss plot."""
+"""Run metrics: MFU accounting, metrics.jsonl + TensorBoard + console, the loss and eval
+plots."""
 
 from __future__ import annotations
 
@@ -210,6 +211,43 @@ def plot_loss(workdir: Path) -> Path | None:
     ax.legend()
     out = Path(workdir) / "loss.png"
     tmp = out.with_name("loss.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def plot_eval(workdir: Path) -> Path | None:
+    """WORKDIR/eval.png, beside loss.png: each few-shot metric (eval/TASK/METRIC, from
+    train.eval_tasks) against step, one panel per task; None when there are none."""
+    records = read_metrics(workdir)
+    series: dict[str, dict[str, list]] = {}
+    for r in records:
+        for key, value in r.items():
+            if key.startswith("eval/") and value is not None:
+                _, task, metric = key.split("/", 2)
+                series.setdefault(task, {}).setdefault(metric, []).append((r["step"], value))
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(series), figsize=(5 * len(series), 3.6), squeeze=False, sharex=True
+    )
+    for ax, (task, by_metric) in zip(axes[0], sorted(series.items()), strict=True):
+        for metric, points in sorted(by_metric.items()):
+            ax.plot(*zip(*points, strict=True), "o-", label=metric)
+        if any(v > 1 for points in by_metric.values() for _, v in points):
+            ax.set_yscale("log")  # perplexities beside bits per byte
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    out = Path(workdir) / "eval.png"
+    tmp = out.with_name("eval.tmp.png")
     fig.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(fig)
     os.replace(tmp, out)

@@ -11,6 +11,8 @@ N_opt = n0 C^a and D_opt = d0 C^b are fitted across budgets.
 
 Uncertainty: the bootstrap over runs (resample the runs with replacement and refit;
 for approach 2 within each budget), reported as standard deviation and 5-95% range.
+
+A few-shot metric against compute (`--metric eval/TASK/METRIC`): gptjax/scaling_metric.py.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ class Points:
 # ----------------------------------------------------------------------------- reading
 
 
-def _rows_from(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
+    """The run rows of a results.json / results.csv (or a sweep directory's results.json)."""
     if path.is_dir():
         path = path / "results.json"
     if not path.is_file():
@@ -93,7 +96,7 @@ def _rows_from(path: Path) -> list[dict]:
 def read_results(path: str | Path, params: str = "params") -> Points:
     """Finished runs of a results.json / results.csv (or a sweep directory)."""
     path = Path(path)
-    rows = _rows_from(path)
+    rows = read_rows(path)
     need = (params, "tokens", "val_loss")
     if rows:
         missing = [k for k in need if k not in rows[0]]
@@ -373,7 +376,7 @@ def plot(points: Points, fit3: dict, fit2: dict | None, cost, out: Path) -> list
     ax2.set_ylabel("fitted loss")
     ax2.set_title("approach 3: fitted vs observed", fontsize=9)
     ax2.grid(alpha=0.3)
-    written.append(_save(fig, out / "scaling_fit.png"))
+    written.append(save_png(fig, out / "scaling_fit.png"))
 
     minima = isoflop_minima(points)
     if minima:
@@ -413,11 +416,11 @@ def plot(points: Points, fit3: dict, fit2: dict | None, cost, out: Path) -> list
         ax2.set_title("compute-optimal N and D", fontsize=9)
         ax2.legend(fontsize=7)
         ax2.grid(alpha=0.3, which="both")
-        written.append(_save(fig, out / "scaling_isoflop.png"))
+        written.append(save_png(fig, out / "scaling_isoflop.png"))
     return written
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
     """The figure as a PNG, written to a temporary name and renamed."""
     import matplotlib.pyplot as plt
 

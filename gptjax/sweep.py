@@ -317,7 +317,8 @@ def _check_record(sweep: Sweep, run: Run) -> None:
 
 
 def result_of(sweep: Sweep, run: Run) -> dict | None:
-    """The run's final val_loss from its metrics.jsonl, or None if it has not finished."""
+    """The run's final val_loss, and its few-shot metrics (eval/TASK/METRIC, from
+    train.eval_tasks), from its metrics.jsonl; None if it has not finished."""
     from gptjax.metrics import read_metrics
 
     workdir = sweep.workdir(run)
@@ -327,7 +328,8 @@ def result_of(sweep: Sweep, run: Run) -> dict | None:
     final = [r for r in read_metrics(workdir) if r.get("step") == run.steps and "val_loss" in r]
     if not final:
         return None
-    return {"val_loss": float(final[-1]["val_loss"]), "status": "done"}
+    fewshot = {k: v for k, v in final[-1].items() if k.startswith("eval/")}
+    return {"val_loss": float(final[-1]["val_loss"]), "status": "done", **fewshot}
 
 
 def run_all(sweep: Sweep) -> list[dict]:
@@ -397,15 +399,17 @@ def write_results(sweep: Sweep) -> list[dict]:
             "flops": f"C, training FLOPs by flops_rule={sweep.rule.flops_rule}",
             "budget": "isoFLOP budget the run belongs to (0: grid run)",
             "val_loss": "final validation loss (nats/token)",
+            "eval/TASK/METRIC": "few-shot metric at the final step (train.eval_tasks)",
         },
         "runs": rows,
     }
     write_text_atomic(sweep.out / "results.json", json.dumps(meta, indent=2) + "\n")
+    columns = (*COLUMNS, *sorted({k for r in rows for k in r if k.startswith("eval/")}))
     table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer = csv.DictWriter(table, fieldnames=columns)
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if row[k] is None else row[k]) for k in COLUMNS})
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
     write_text_atomic(sweep.out / "results.csv", table.getvalue())
     return rows
 

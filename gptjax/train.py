@@ -246,11 +246,16 @@ def train(cfg: Config, workdir: str | Path) -> dict:
             "vocab.bpe (--config.tokenizer.path=DIR)"
         )
     sharding.mesh_shape(cfg.mesh, jax.device_count())  # before any data work: fail at once
+    eval_tasks = None
+    if cfg.train.eval_tasks:  # read once, here: a bad task fails before any data work
+        from gptjax.eval.in_training import load_tasks
+
+        eval_tasks = load_tasks(cfg.train.eval_tasks, cfg.data.tfds_data_dir)
     with claim(workdir, "train"):
-        return _train(cfg, Path(workdir))
+        return _train(cfg, Path(workdir), eval_tasks)
 
 
-def _train(cfg: Config, workdir: Path) -> dict:
+def _train(cfg: Config, workdir: Path, eval_tasks=None) -> dict:
     primary = jax.process_index() == 0
     # No checkpoints/ until the data is ready: a run that fails before leaves none.
     ckdir = checkpoint_dir(workdir)
@@ -334,6 +339,12 @@ def _train(cfg: Config, workdir: Path) -> dict:
                 xla_cpu.throttle(losses)
             return float(np.mean(jax.device_get(losses)))
 
+        fewshot = None  # train.eval_tasks, scored on these parameters and this mesh
+        if eval_tasks:
+            from gptjax.eval.in_training import TrainingEval
+
+            fewshot = TrainingEval(eval_tasks, cfg.model, tokenizer, mesh)
+
         n_params = model.param_count(state.params)
         flops_tok = model.flops_per_token(cfg.model)
         peak = metrics.peak_flops_total(t.peak_flops)
@@ -405,6 +416,9 @@ def _train(cfg: Config, workdir: Path) -> dict:
                             val_loss = evaluate(state.params)
                             record["val_loss"] = val_loss
                             record["val_ppl"] = math.exp(min(val_loss, 50.0))
+                            if fewshot is not None:
+                                record.update(fewshot(state.params))
+                            last_time = time.perf_counter()  # the next window: steps only
                         writer.write(done, record)
                         progress.update(done, record)
                     saved = loop.checkpoint_due(
@@ -433,6 +447,7 @@ def _train(cfg: Config, workdir: Path) -> dict:
     }
     if primary:
         metrics.plot_loss(workdir)
+        metrics.plot_eval(workdir)
     # Every process samples: the parameters are sharded over all of them.
     if t.sample_tokens:
         from gptjax.generate import sample_text

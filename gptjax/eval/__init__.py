@@ -12,6 +12,7 @@
   qa.py               closed-book QA, reading comprehension and translation loaders
   metrics.py          acc, acc_norm, stderr, perplexities, bits per byte, EM / F1
   harness.py          tasks x shots -> results JSON, table, PNG, samples log
+  in_training.py      train.eval_tasks: the tasks scored on the training parameters
   lm_eval_adapter.py  the "gptjax" model for lm-evaluation-harness (imports lm_eval)
 
 `gptjax eval ...` is gptjax.cli's `eval` command. Importing this package imports neither torch,

@@ -305,8 +305,15 @@ class Scorer:
         self._score = jax.jit(make_score_fn(graphdef, cfg))
         tensor = 1 if mesh is None else mesh.shape["tensor"]
         head_fn = partial(scoring_head, cfg=cfg, n_chunks=vocab_chunks(cfg.padded_vocab, tensor))
-        self._head = self._call(jax.jit(head_fn), params)
+        self._head_fn = jax.jit(head_fn)
+        self.set_params(params)
         self.shapes: set[tuple] = set()  # distinct compiled shapes, for the record
+
+    def set_params(self, params) -> None:
+        """Score with these weights of the same model from now on, keeping every compiled
+        program (training's evaluation, at each eval step); None lets the last ones go."""
+        self.params = params
+        self._head = None if params is None else self._call(self._head_fn, params)
 
     @property
     def n_ctx(self) -> int:
@@ -494,6 +501,9 @@ class EvalModel:
     cfg: ModelConfig
     tokenizer: object
     scorer: Scorer
+    # encode_pair's results: the few-shot builder and the scorer tokenise each request,
+    # and training's evaluation asks for the same ones at every eval step.
+    _pairs: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
     def from_params(cls, cfg, params, tokenizer, *, mesh=None, batch_size=32, **kw) -> EvalModel:
@@ -526,7 +536,10 @@ class EvalModel:
         return self.cfg.seq_len
 
     def encode_pair(self, context: str, continuation: str):
-        return encode_pair(self.tokenizer, context, continuation)
+        key = (context, continuation)
+        if key not in self._pairs:
+            self._pairs[key] = encode_pair(self.tokenizer, context, continuation)
+        return self._pairs[key]
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool, int]]:
         """(loglikelihood, is_greedy, continuation tokens) of each (context, continuation)."""
