@@ -39,15 +39,31 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # runnable as `python bench/eval_throughput.py`
     sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data"
+# The zero-shot suite of --suite: every shared file whole (HellaSwag and PIQA are the
+# shared 200-question slices; ARC is not among the shared data).
+SUITE = ("piqa", "hellaswag", "rte", "cb", "sst2")  # multiple choice; also: wikitext
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-ctx", type=int, default=256)
+    p.add_argument("--n-layer", type=int, default=None, help="default 4 (6 with --suite)")
+    p.add_argument("--d-model", type=int, default=None, help="default 256 (384 with --suite)")
+    p.add_argument("--n-head", type=int, default=None, help="default 4 (6 with --suite)")
+    p.add_argument("--n-ctx", type=int, default=None, help="default 256 (512 with --suite)")
     p.add_argument("--task", choices=("hellaswag", "nq_open"), default="hellaswag")
+    p.add_argument(
+        "--suite",
+        action="store_true",
+        help="first-run mode: the zero-shot suite (or --suite-tasks) end to end, each side "
+        "in fresh processes, cold (empty caches) then warm; and lm-eval driving gptjax",
+    )
+    p.add_argument(
+        "--suite-tasks",
+        default=",".join(SUITE),
+        help="comma-separated, of: " + ", ".join((*SUITE, "wikitext")),
+    )
+    p.add_argument("--suite-limit", type=int, default=0, help="--suite: first N of each task")
+    p.add_argument("--no-adapter", action="store_true", help="--suite: skip the adapter runs")
     p.add_argument("--limit", type=int, default=200, help="questions")
     p.add_argument("--max-gen-tokens", type=int, default=16, help="nq_open: per question")
     p.add_argument("--batch-size", type=int, default=32, help="both frameworks")
@@ -61,7 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "train` applies; it made this bench slower for gptjax, faster for lm-eval); "
         "default: glibc's defaults, as `gptjax eval` runs",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, task, suite in (("n_layer", 4, 6), ("d_model", 256, 384), ("n_head", 4, 6),
+                              ("n_ctx", 256, 512)):  # fmt: skip
+        if getattr(args, name) is None:
+            setattr(args, name, suite if args.suite else task)
+    return args
 
 
 def make_hf_model(args, out: Path) -> Path:
@@ -195,6 +216,10 @@ def run_gptjax(args, ckpt: Path) -> list[tuple[float, dict]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.suite:
+        import eval_suite  # bench/eval_suite.py
+
+        return eval_suite.main(args, make_hf_model)
     # Optionally the allocator settings of `gptjax train` (gptjax/hostmem.py), before either
     # framework starts its threads; process-wide, so lm-eval's torch runs under them too.
     from gptjax import hostmem

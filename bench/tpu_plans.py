@@ -35,14 +35,14 @@ def row(size: str, gen: str, log) -> dict:
     cfg = config_lib.load(str(REPO / "configs" / "gpt3" / f"{size}.py"), [])
     remats = ("full",) if cfg.model.remat == "full" else ("none", "dots_saveable", "full")
     start = time.perf_counter()
-    best, tried = tpu.search_tpu(cfg, gen, remats=remats, log=log)
+    best, tried = tpu.search_tpu(cfg, gen, remats=remats, log=log, flops=False)
     out = {"size": size, "gen": gen, "compiles": len(tried)}
     out["wall_s"] = round(time.perf_counter() - start)
     if best is None:
         return out
     lay = best.layout
     device = tpu.metrics.device_info(
-        tpu.topology_devices(tpu.GENERATIONS[gen][1][0])[0].device_kind
+        tpu.topology_devices(f"{gen}:{tpu.GENERATIONS[gen][1][0]}")[0].device_kind
     )
     tokens = best.tokens_per_step
     flops = model.flops_per_token(cfg.model) * tokens
@@ -104,7 +104,12 @@ def main() -> int:
     if args.markdown:
         print(markdown(rows))
         return 0
-    todo = args.only or [f"{s}:{g}" for g in GENERATIONS for s in SIZES]
+    # v5p first (every size), then 175B on the others, then the rest; 175B on v5p last:
+    # `gptjax plan --config configs/gpt3/175b.py --tpu v5p:8x8x16 --search` gives it.
+    todo = args.only or sorted(
+        (f"{s}:{g}" for g in GENERATIONS for s in SIZES),
+        key=lambda k: (k == "175b:v5p", not k.endswith(":v5p"), not k.startswith("175b")),
+    )
     for key in todo:
         if key in rows:
             continue

@@ -417,8 +417,9 @@ def eval_command(args, overrides) -> int:
     import jax
 
     from gptjax.checkpoint import CheckpointError
+    from gptjax.eval.compile_cache import compile_cache_dir, use_compile_cache
     from gptjax.eval.harness import RunOptions, run
-    from gptjax.eval.scoring import EvalModel, compile_cache_dir, use_compile_cache
+    from gptjax.eval.scoring import EvalModel
 
     use_compile_cache(None if args.no_compile_cache else compile_cache_dir())
     try:

@@ -1,7 +1,7 @@
 """`gptjax plan --step eval|decode`: the memory of the evaluation and decoding programs,
 compiled ahead of time with abstract inputs on any mesh (gptjax.tpu: a TPU topology's).
 
-eval is the scoring program of `gptjax eval` (eval.scoring.make_score_fn): G rows, each
+eval is the scoring program of `gptjax eval` (eval.score_program.make_score_fn): G rows, each
 a left-padded context of P tokens prefilled into a KV cache of n_ctx slots and a packed
 chunk of T continuation tokens, the LM head applied to the scored positions in blocks
 over vocabulary chunks, parameters in the compute dtype (as evaluation loads them). The
@@ -64,16 +64,16 @@ def abstract_params(cfg: Config, mesh):
 
 def eval_program(cfg: Config, mesh, batch: int):
     """(jitted scoring function, its abstract arguments, description)."""
-    from gptjax.eval import scoring
+    from gptjax.eval import buckets, score_program
 
     m = cfg.model
     graphdef, params = abstract_params(cfg, mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    g = scoring.row_bucket(batch, shards)
+    g = buckets.row_bucket(batch, shards)
     t = min(CHUNK, m.seq_len // 2)
     p = m.seq_len - t
     n = -(-(g * (t + 1)) // math.lcm(128, shards)) * math.lcm(128, shards)
-    c = scoring.vocab_chunks(m.padded_vocab, mesh.shape["tensor"])
+    c = score_program.vocab_chunks(m.padded_vocab, mesh.shape["tensor"])
     dt = jnp.dtype(m.compute_dtype)
     head = _struct((c, m.d_model, m.padded_vocab // c), dt, mesh, (None, "embed", "vocab"))
 
@@ -86,7 +86,7 @@ def eval_program(cfg: Config, mesh, batch: int):
         f"{g} rows x ({p} context + {t} chunk) tokens, {n} scored positions, LM head in "
         f"{c} vocabulary chunk(s), parameters in {m.compute_dtype}"
     )
-    return jax.jit(scoring.make_score_fn(graphdef, m)), args, shape
+    return jax.jit(score_program.make_score_fn(graphdef, m)), args, shape
 
 
 def decode_program(cfg: Config, mesh, batch: int):

@@ -544,7 +544,7 @@ def decode_head(params: dict, cfg: ModelConfig):
     None for an untied head (already [D, V]). Call it under a jax.jit of its own, once
     per set of weights: the transpose must be a real array, because XLA:CPU multiplies a
     few rows by wte^T ~1.6x slower than by [D, V], and inside the caller's jit it would
-    be folded back into the matmul. Decoding uses it (scoring: eval.scoring.scoring_head)."""
+    be folded back into the matmul. Decoding uses it (scoring: eval.score_program.scoring_head)."""
     if not cfg.tie_embeddings:
         return None
     return jnp.transpose(params["wte"].astype(cfg.compute_dtype))

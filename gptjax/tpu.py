@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import importlib.metadata
 import importlib.util
 import math
@@ -35,7 +34,7 @@ import re
 import sys
 import time
 
-from gptjax import metrics, model, plan, sharding
+from gptjax import libtpu_env, metrics, model, plan, sharding
 from gptjax.config import Config, ConfigError, MeshConfig
 
 # libtpu generation -> (chip config, slice shapes offered, smallest first). The shapes
@@ -79,21 +78,6 @@ def chips(shape: str) -> int:
     return math.prod(int(x) for x in shape.split("x"))
 
 
-def _quiet_libtpu() -> None:
-    """Stop libtpu asking GCE's metadata server who it runs on, which on a machine without
-    a TPU prints 'could not determine TPU accelerator type / worker hostnames' warnings
-    (compiling needs neither). Only where no TPU chip is attached (no /dev/accel*,
-    /dev/vfio/N): on a TPU VM the real values stay in charge."""
-    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
-        return
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")  # any valid name: unused
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    # libtpu takes a machine-wide lock for the chips it would drive; compiling drives none,
-    # and several processes (a plan beside the tests) may compile at once.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-
 @functools.cache
 def topology_devices(topology: str, slices: int = 1) -> tuple:
     """The devices of `slices` slices of `topology` (each with device_kind, coords and,
@@ -105,7 +89,7 @@ def topology_devices(topology: str, slices: int = 1) -> tuple:
         raise plan.PlanError(
             f"--tpu {topology!r}: give a shape, e.g. {gen}:{GENERATIONS[gen][1][2]}"
         )
-    _quiet_libtpu()
+    libtpu_env.quiet()
     from jax.experimental import topologies
 
     dims = [int(x) for x in shape.split("x")] + [1]
@@ -278,10 +262,11 @@ def search_tpu(
     max_tensor: int = 16,
     remats: tuple[str, ...] = plan.REMATS,
     log=print,
+    flops: bool = True,
 ) -> tuple[plan.Plan | None, list[plan.Plan]]:
     """plan.search over the slice shapes of topology's generation, smallest first, up to
     topology's (all of them for a bare generation), keeping only meshes the torus takes.
-    The chosen plan is compiled once more for its FLOPs."""
+    With flops, the chosen plan is compiled twice more for its FLOPs (step_flops)."""
     gen, shape = parse_topology(topology)
     shapes = GENERATIONS[gen][1]
     if shape:
@@ -315,7 +300,7 @@ def search_tpu(
         layout_ok=layout_ok,
         min_data=slices,
     )
-    if best is not None:
+    if best is not None and flops:
         c = plan.with_plan_settings(cfg, best.remat, best.microbatches)
         devices = topology_devices(by_count[best.layout.devices], slices)
         total = step_flops(c, best.layout, tpu_mesh(best.layout, devices, slices))

@@ -13,7 +13,8 @@ import pytest
 
 from gptjax import checkpoint, cli, config, model
 from gptjax.config import Config, MeshConfig, ModelConfig, TokenizerConfig
-from gptjax.eval import fewshot, harness, loaders, metrics, scoring, tasks
+from gptjax.eval import fewshot, harness, loaders, metrics, score_program, tasks
+from gptjax.eval.buckets import fit_shapes
 from gptjax.eval.scoring import EvalModel, encode_pair, length_bucket, rolling_windows
 from gptjax.eval.tasks import EvalInputError, Example
 from gptjax.tokenizer import load_tokenizer
@@ -94,7 +95,7 @@ def test_packed_continuations_match_full_forward_with_a_band_gqa_and_rope(em, sh
     cfg = dataclasses.replace(
         em.cfg, attention_windows=(0, 5), n_kv_head=2, position="rope", vocab_multiple=1
     )
-    assert scoring.vocab_chunks(cfg.padded_vocab) == 29
+    assert score_program.vocab_chunks(cfg.padded_vocab) == 29
     params = model.init_params(cfg, jax.random.key(1))
     banded = EvalModel.from_params(cfg, params, em.tokenizer, batch_size=8)
     pairs = [r for ex in _hellaswag(shared_data, 4) for r in ex.requests()]
@@ -117,6 +118,46 @@ def test_bucketing_and_batching_do_not_change_any_number(em, shared_data):
         assert abs(a - b) < 1e-5 and ga == gb and na == nb
     ctx, cont = encode_pair(em.tokenizer, *pairs[-1])
     assert abs(big[-1][0] - _reference_ll(em, ctx, cont)[0]) < 1e-5
+
+
+def test_few_shapes_per_task_change_no_number(em, shared_data):
+    """One new compiled shape for a whole task (every batch padded up to it) or one per
+    need: the same loglikelihoods, and the second call reuses the first's shapes."""
+    pairs = [r for ex in _hellaswag(shared_data, 12) for r in ex.requests()]
+    pairs += [("A", " b"), ("x " * 30, " a longer continuation than the others here")]
+    tight = EvalModel.from_params(
+        em.cfg, em.scorer.params, em.tokenizer, batch_size=8, compile_cost=0.0
+    )
+    one = EvalModel.from_params(
+        em.cfg, em.scorer.params, em.tokenizer, batch_size=8, compile_cost=1e9
+    )
+    want = tight.loglikelihood(pairs)
+    assert len(tight.scorer.shapes) > 2  # the requests do need several shapes
+    for (a, ga, na), (b, gb, nb) in zip(want, one.loglikelihood(pairs), strict=True):
+        assert abs(a - b) < 1e-5 and ga == gb and na == nb
+    assert len(one.scorer.shapes) == 1
+    one.loglikelihood(pairs[:8])  # smaller needs: covered by the compiled shape
+    assert len(one.scorer.shapes) == 1
+
+
+def test_fit_shapes_covers_every_need_with_few_shapes():
+    needs = [(16, 24, 32)] * 5 + [(16, 32, 128)] * 3 + [(8, 16, 16), (16, 24, 384), (16, 96, 8)]
+    for max_new in (1, 2, 3):
+        got = fit_shapes(needs, max_new=max_new)
+        assert len(got) == len(needs)
+        assert all(all(x >= y for x, y in zip(s, n)) for s, n in zip(got, needs))  # noqa: B905
+        assert len(set(got)) <= max_new
+    assert fit_shapes(needs) == needs  # compiles cost nothing: no padding
+    assert len(set(fit_shapes(needs, compile_cost=1e9))) == 1  # compiles cost everything
+    # A compiled shape is reused where the padding costs less than a compile.
+    known = [(16, 32, 48), (16, 24, 384)]
+    assert fit_shapes([(16, 24, 32)], known, compile_cost=1000) == [(16, 32, 48)]
+    assert fit_shapes([(16, 24, 32)], known, compile_cost=100) == [(16, 24, 32)]
+    # Dearer compiles, fewer shapes and more padding: rows x (context + chunk).
+    runs = [fit_shapes(needs, compile_cost=c) for c in (0, 300, 3000, 30000)]
+    padded = [sum(g * (p + t) for g, p, t in run) for run in runs]
+    assert padded == sorted(padded) and padded[0] < padded[-1]
+    assert [len(set(run)) for run in runs] == sorted((len(set(r)) for r in runs), reverse=True)
 
 
 def test_rolling_loglikelihood_over_texts_longer_than_n_ctx(em, shared_data):
@@ -188,6 +229,11 @@ def test_shared_file_loaders(shared_data):
     stsa = loaders.load_sst2(shared_data / "sst2" / "stsa.binary.dev")
     assert len(glue) == len(stsa) == 872 and glue[0].gold == 1 and stsa[0].gold == 0
     assert glue[0].choices == ("negative", "positive")
+    # lm-eval's sst2 prompt on GLUE's row, whose sentence ends in a space.
+    assert glue[0].context == (
+        "it 's a charming and often affecting journey . \n"
+        "Question: Is this sentence positive or negative?\nAnswer:"
+    )
     rte = loaders.load_rte(shared_data / "rte" / "val.jsonl")
     assert (
         len(rte) == 277 and rte[0].choices == ("True", "False") and {e.gold for e in rte} == {0, 1}

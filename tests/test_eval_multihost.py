@@ -157,7 +157,7 @@ def test_weights_read_in_the_scoring_dtype_onto_their_shardings(ckpt):
 def test_compile_cache_on_by_default_in_the_user_cache_dir(ckpt, shared_data, tmp_path):
     """A fresh `gptjax eval` keeps its compiled programs in $XDG_CACHE_HOME/gptjax/jax,
     a second run finds them there; --no-compile-cache keeps none."""
-    from gptjax.eval.scoring import compile_cache_dir
+    from gptjax.eval.compile_cache import compile_cache_dir
 
     assert compile_cache_dir({"HOME": "/h"}) == Path("/h/.cache/gptjax/jax")
     args = [

@@ -54,7 +54,9 @@ def _stat(values) -> dict:
     return {"value": value, "stderr": se}
 
 
-def _score_mc(model: EvalModel, shots: list[fewshot.Shot]):
+def _mc_requests(shots: list[fewshot.Shot]):
+    """Every option of every question (and its unconditional twin where the task has
+    one) -> (requests, each question's span of them)."""
     requests, spans = [], []
     for s in shots:
         ex = s.example
@@ -63,6 +65,11 @@ def _score_mc(model: EvalModel, shots: list[fewshot.Shot]):
         if ex.uncond_context is not None:
             requests += [(ex.uncond_context, x) for _, x in ex.requests()]
         spans.append((start, len(requests)))
+    return requests, spans
+
+
+def _score_mc(model: EvalModel, shots: list[fewshot.Shot]):
+    requests, spans = _mc_requests(shots)
     scored = model.loglikelihood(requests)
     per_metric: dict[str, list[float]] = {}
     samples, preds, golds = [], [], []
@@ -156,17 +163,11 @@ def _score_generate(model: EvalModel, shots: list[fewshot.Shot], opts: RunOption
     return {name: _stat(v) for name, v in values.items()}, samples
 
 
-def evaluate_task(
-    model: EvalModel, task: Task, k: int, opts: RunOptions
-) -> tuple[dict, list[dict]]:
-    """One task at K shots -> (result record, per-example samples)."""
-    start = time.perf_counter()
+def _shots(model: EvalModel, task: Task, k: int, opts: RunOptions):
+    """The task's examples (up to the limit) and their K-shot prompts (seeded)."""
     examples = task.examples[: opts.limit] if opts.limit else task.examples
     if not examples:
         raise ValueError(f"task {task.name} has no examples")
-    kind = examples[0].kind
-    if k and kind != "rolling" and task.fewshot_pool is None and task.fewshot_warning:
-        log.warning("%s (K=%d)", task.fewshot_warning, k)
     shots = fewshot.build(
         examples,
         k,
@@ -176,6 +177,46 @@ def evaluate_task(
         fits=_fits(model, opts.max_gen_tokens),
         name=task.name,
     )
+    return examples, shots
+
+
+def reserve(model: EvalModel, tasks: Sequence[Task], opts: RunOptions) -> None:
+    """Plan the scoring shapes of every task at every K together, and start compiling
+    them, before the first is scored: the tasks share compiled programs, and on a first
+    run the compiles overlap the scoring (gptjax.eval.buckets)."""
+    pairs, texts = [], []
+    for task in tasks:
+        for k in _task_shots(task, opts.shots):
+            try:
+                _, shots = _shots(model, task, k, opts)
+            except Exception:  # reported when the task runs
+                continue
+            kind = shots[0].example.kind
+            if kind == "mc":
+                pairs.append(_mc_requests(shots)[0])
+            elif kind == "loglik":
+                pairs.append([s.example.requests()[0] for s in shots])
+            elif kind == "rolling":
+                texts.append([s.example.target for s in shots])
+    model.reserve(pairs, texts)
+
+
+def _task_shots(task: Task, shots: Sequence[int]) -> Sequence[int]:
+    """The K values a task runs at: perplexity takes no demonstrations, one run."""
+    if task.examples and task.examples[0].kind == "rolling":
+        return shots[:1]
+    return shots
+
+
+def evaluate_task(
+    model: EvalModel, task: Task, k: int, opts: RunOptions
+) -> tuple[dict, list[dict]]:
+    """One task at K shots -> (result record, per-example samples)."""
+    start = time.perf_counter()
+    examples, shots = _shots(model, task, k, opts)
+    kind = examples[0].kind
+    if k and kind != "rolling" and task.fewshot_pool is None and task.fewshot_warning:
+        log.warning("%s (K=%d)", task.fewshot_warning, k)
     if kind == "mc":
         stats, samples = _score_mc(model, shots)
     elif kind == "loglik":
@@ -345,11 +386,9 @@ def run(
             write_text_atomic(opts.output, json.dumps(json_safe(report), indent=2) + "\n")
 
     try:
+        reserve(model, tasks, opts)
         for task in tasks:
-            shots = opts.shots
-            if task.examples and task.examples[0].kind == "rolling":
-                shots = shots[:1]  # perplexity takes no demonstrations: one run
-            for k in shots:
+            for k in _task_shots(task, opts.shots):
                 try:
                     result, samples = evaluate_task(model, task, k, opts)
                 except Exception as e:  # one bad task must not lose the others' results

@@ -41,17 +41,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from gptjax.config import ModelConfig
-from gptjax.model import KVCache
+from gptjax.eval.buckets import fit_shapes, length_bucket, row_bucket
+from gptjax.eval.score_program import HEAD_BLOCK, make_score_fn, scoring_head, vocab_chunks
 from gptjax.xla_cpu import throttle
 
 log = logging.getLogger(__name__)
@@ -109,54 +109,6 @@ def truncate(ctx: Sequence[int], cont: Sequence[int], n_ctx: int) -> tuple[list[
     return ctx, cont
 
 
-# ----------------------------------------------------------------------------- buckets
-
-
-def length_bucket(n: int, minimum: int = 8) -> int:
-    """Smallest of 8, 16, 24, 32, 48, 64, 96, 128, 192, ... that holds n (powers of two,
-    and 1.5x steps from 16 on: continuations of 17-64 tokens, common in multiple-choice
-    tasks, would otherwise carry up to 50% padding through the whole model)."""
-    size = minimum
-    while True:
-        if n <= size:
-            return size
-        if n <= size * 3 // 2 and size >= 16:
-            return size * 3 // 2
-        size *= 2
-
-
-def row_bucket(n: int, multiple: int = 1) -> int:
-    """Next power of two >= n, rounded up to a multiple of `multiple` (batch shards)."""
-    size = 1 << max(n - 1, 0).bit_length()
-    return -(-size // multiple) * multiple
-
-
-# ----------------------------------------------------------------------------- compile cache
-
-
-def compile_cache_dir(environ=None) -> Path:
-    """Where evaluation keeps JAX's persistent compilation cache by default: the user's
-    cache directory ($XDG_CACHE_HOME, else ~/.cache), gptjax/jax."""
-    import os
-
-    environ = os.environ if environ is None else environ
-    base = environ.get("XDG_CACHE_HOME") or Path(environ.get("HOME", "~")) / ".cache"
-    return Path(base).expanduser() / "gptjax" / "jax"
-
-
-def use_compile_cache(directory: Path | None) -> str | None:
-    """Turn JAX's persistent compilation cache on in `directory` unless one is already
-    configured (JAX_COMPILATION_CACHE_DIR, a caller's jax.config); None turns nothing on.
-    A user evaluates a checkpoint once, in a fresh process, so a scoring program's
-    compile (seconds each, a handful per task) is otherwise paid on every run. Returns
-    the cache directory in use."""
-    if jax.config.jax_compilation_cache_dir or directory is None:
-        return jax.config.jax_compilation_cache_dir or None
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    return str(directory)
-
-
 # ----------------------------------------------------------------------------- device
 
 
@@ -168,111 +120,6 @@ def fetch(x) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-_HEAD_BLOCK = 128  # positions per LM-head block in make_score_fn
-_HEAD_WIDTH = 4096  # at most this many vocabulary entries per LM-head chunk
-
-
-def vocab_chunks(padded_vocab: int, multiple: int = 1) -> int:
-    """Chunks C of the vocabulary for the LM head: the fewest whose width V / C is at
-    most _HEAD_WIDTH (and at least 256) and a multiple of `multiple` (the tensor shards);
-    1, the whole vocabulary at once, where no such C divides V."""
-    for c in range(1, padded_vocab // 256 + 1):
-        width, rest = divmod(padded_vocab, c)
-        if not rest and width <= _HEAD_WIDTH and width % multiple == 0:
-            return c
-    return 1
-
-
-def scoring_head(params: dict, cfg: ModelConfig, n_chunks: int):
-    """The LM head as [C, D, V / C] in the compute dtype: chunk c holds vocabulary ids
-    c, c + C, c + 2C, ... Strided, so that a vocabulary sharded over `tensor` stays
-    sharded inside every chunk. Made by a jit of its own, once per set of weights (as
-    model.decode_head, for the same reason: a real array, not a transpose to fold)."""
-    from gptjax.sharding import constrain
-
-    w_VxD = params["wte"] if cfg.tie_embeddings else params["lm_head"].T
-    v, d = w_VxD.shape[0] // n_chunks, w_VxD.shape[1]
-    w_vxCxD = w_VxD.astype(cfg.compute_dtype).reshape(v, n_chunks, d)
-    return constrain(jnp.transpose(w_vxCxD, (1, 2, 0)), (None, "embed", "vocab"))
-
-
-def make_score_fn(graphdef, cfg: ModelConfig):
-    """(params, head_CxDxv, ctx [G, P] left-padded, ctx_pad [G], chunk [G, T], segment
-    [G, T], positions [G, T], src [N], target [N], blocks) -> (log-prob [N], is-greedy
-    [N]) of the target tokens. chunk: each row's continuations packed (all but their
-    last tokens), segment ids -1 on its padding; src: where each target's predicting
-    hidden state is, g < G the last context position of row g, else G + row * T + t.
-    Only the first `blocks` blocks of _HEAD_BLOCK entries of src are real. head_CxDxv:
-    scoring_head, made outside this jit."""
-    from gptjax.sharding import constrain
-
-    def score(
-        params, head_CxDxv, ctx_GxP, pad_G, chunk_GxT, seg_GxT, pos_GxT, src_N, tok_N, blocks
-    ):
-        model = nnx.merge(graphdef, params)
-        g, p = ctx_GxP.shape
-        t = chunk_GxT.shape[1]
-        valid_GxS = jnp.arange(p + t)[None, :] >= pad_G[:, None]
-        cache = KVCache.empty(cfg, g, p + t, valid_GxS)
-        pos_GxP = jnp.maximum(jnp.arange(p)[None, :] - pad_G[:, None], 0)
-        h_GxPxD, cache = model.layers(model.embed(ctx_GxP, pos_GxP), pos_GxP, None, cache)
-        cache = KVCache(
-            cache.k_BxKxSxH, cache.v_BxKxSxH, cache.index + p, valid_GxS, False, seg_GxT
-        )
-        h_GxTxD, _ = model.layers(model.embed(chunk_GxT, pos_GxT), pos_GxT, None, cache)
-        # A target is predicted by the hidden state before it: the context's last
-        # position for a continuation's first token.
-        h_all = jnp.concatenate([h_GxPxD[:, -1], h_GxTxD.reshape(g * t, -1)], axis=0)
-        # Only the real continuation tokens (src) go through the LM head, the bulk of the
-        # work: none of the padding of the length buckets. It runs in a loop over blocks
-        # of 128 positions and, inside, over the vocabulary in chunks of at most 4096
-        # entries with a running (online) log-sum-exp: a [128, V/C] chunk of logits
-        # stays in cache between its matmul and its reductions, where [64, V] row blocks
-        # went through memory (the eval bench's head went from ~4.0 s to ~2.9 s). Padded
-        # vocabulary entries are -inf: they take no mass and never win the max.
-        n_chunks, _, width = head_CxDxv.shape
-        n = src_N.shape[0]
-        block = min(n, _HEAD_BLOCK)
-        h_NxD = jnp.take(h_all, src_N, axis=0)
-
-        def head(h_BxD, tok_B):
-            chunk_B, col_B = tok_B % n_chunks, tok_B // n_chunks
-
-            def chunk(c, carry):
-                max_B, sum_B, target_B = carry
-                logits_Bxv = (h_BxD @ head_CxDxv[c]).astype(jnp.float32)
-                real_v = jnp.arange(width) * n_chunks + c < cfg.vocab_size
-                logits_Bxv = constrain(jnp.where(real_v, logits_Bxv, -jnp.inf), (None, "act_vocab"))
-                new_max_B = jnp.maximum(max_B, jnp.max(logits_Bxv, axis=-1))
-                sum_B = sum_B * jnp.exp(max_B - new_max_B) + jnp.sum(
-                    jnp.exp(logits_Bxv - new_max_B[:, None]), axis=-1
-                )
-                mine_B = jnp.take_along_axis(logits_Bxv, col_B[:, None], axis=-1)[:, 0]
-                return new_max_B, sum_B, jnp.where(chunk_B == c, mine_B, target_B)
-
-            # Chunk 0 holds id 0, a real entry: the running max is finite after it.
-            init = (jnp.full(tok_B.shape, -jnp.inf), jnp.zeros(tok_B.shape), jnp.zeros(tok_B.shape))
-            max_B, sum_B, target_B = jax.lax.fori_loop(0, n_chunks, chunk, init)
-            # Greedy: the target's logit is the maximum (lm-eval: argmax == target).
-            return target_B - (jnp.log(sum_B) + max_B), target_B >= max_B
-
-        # A loop with a traced trip count: the blocks of src's bucket padding (up to a
-        # third of the bucket) are not computed at all, and the shape stays bucketed.
-        h_MxBxD = h_NxD.astype(head_CxDxv.dtype).reshape(n // block, block, -1)
-        tok_MxB = tok_N.reshape(n // block, block)
-
-        def body(i, out):
-            lp_B, hit_B = head(h_MxBxD[i], tok_MxB[i])
-            return out[0].at[i].set(lp_B), out[1].at[i].set(hit_B)
-
-        empty = (jnp.zeros(tok_MxB.shape, jnp.float32), jnp.zeros(tok_MxB.shape, bool))
-        lp_MxB, hit_MxB = jax.lax.fori_loop(0, blocks, body, empty)
-        # Per-token log-probs go back to the host, which sums them in float64.
-        return lp_MxB.reshape(n), hit_MxB.reshape(n)
-
-    return score
 
 
 @dataclasses.dataclass
@@ -298,6 +145,8 @@ class Scorer:
         mesh=None,
         batch_size: int = 32,
         token_budget: int = 8192,
+        compile_threads: int = 2,
+        compile_cost: float = 1.0,
     ):
         self.graphdef, self.params, self.cfg, self.mesh = graphdef, params, cfg, mesh
         self.batch_size, self.token_budget = max(1, batch_size), token_budget
@@ -308,6 +157,16 @@ class Scorer:
         self._head_fn = jax.jit(head_fn)
         self.set_params(params)
         self.shapes: set[tuple] = set()  # distinct compiled shapes, for the record
+        # shape key -> Future of the compiled scoring program (_compile_ahead)
+        self._compiled: dict[tuple, object] = {}
+        self._pool = None
+        self.compile_threads = compile_threads
+        # buckets.fit_shapes trades padding for compiles at this weight of a compile (0:
+        # a shape for every need; 1: seconds of compiling against seconds of scoring).
+        self.compile_cost = compile_cost
+        self._planned: dict[tuple, tuple] = {}  # needed shape -> the shape it runs at
+        self._compile_seconds: list[float] = []
+        self._token_rate: float | None = None
 
     def set_params(self, params) -> None:
         """Score with these weights of the same model from now on, keeping every compiled
@@ -359,10 +218,8 @@ class Scorer:
             batches.append(current)
         return batches
 
-    def loglikelihood(
-        self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
-    ) -> list[tuple[float, bool]]:
-        """(sum log P(cont | ctx), is_greedy) for each (context ids, continuation ids)."""
+    def _group_batches(self, requests):
+        """Requests -> (results with the empty continuations filled in, batches of groups)."""
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         by_ctx: dict[tuple[int, ...], _Group] = {}
         for i, (ctx, cont) in enumerate(requests):
@@ -386,9 +243,54 @@ class Scorer:
                     part = _Group(gr.ctx, [])
                 part.conts.append((i, c))
             groups.append(part)
+        return results, self._batches(groups)
+
+    def _needs(self, batches) -> list[tuple[int, int, int]]:
+        """The smallest (rows, context, chunk) buckets that hold each batch."""
+        return [
+            (
+                row_bucket(len(b), self.shards),
+                length_bucket(max(len(gr.ctx) for gr in b)),
+                length_bucket(max(gr.chunk_len for gr in b)),
+            )
+            for b in batches
+        ]
+
+    def _shapes(self, batches) -> list[tuple[int, int, int]]:
+        """The (rows, context, chunk) shape each batch runs at: planned by reserve, or
+        fitted now (buckets.fit_shapes) against the shapes already compiled."""
+        needs = self._needs(batches)
+        todo = [n for n in needs if n not in self._planned]
+        if todo:
+            known = [k[1:] for k in self._compiled]
+            fitted = fit_shapes(todo, known, compile_cost=self._compile_tokens())
+            self._planned.update(zip(todo, fitted, strict=True))
+        return [self._planned[n] for n in needs]
+
+    def reserve(self, request_lists: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]]):
+        """Plan the shapes of several loglikelihood calls to come (a suite's tasks) as one,
+        so that they share compiled programs, and start compiling them now."""
+        needs = []
+        for requests in request_lists:
+            needs += self._needs(self._group_batches(requests)[1])
+        known = [k[1:] for k in self._compiled]
+        fitted = fit_shapes(needs, known, compile_cost=self._compile_tokens())
+        self._planned.update(zip(needs, fitted, strict=True))
+        for shape in dict.fromkeys(fitted):
+            self._compile_ahead(("score", *shape))
+
+    def loglikelihood(
+        self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> list[tuple[float, bool]]:
+        """(sum log P(cont | ctx), is_greedy) for each (context ids, continuation ids)."""
+        results, batches = self._group_batches(requests)
+        shapes = self._shapes(batches)
+        for shape in dict.fromkeys(shapes):  # every shape this call needs, compiling at once
+            self._compile_ahead(("score", *shape))
+        batches = [(b, self._arrays(b, s)) for b, s in zip(batches, shapes, strict=True)]
         pending = []
-        for batch in self._batches(groups):
-            pending.append((batch, self._dispatch(batch)))
+        for batch, (key, arrays) in batches:
+            pending.append((batch, self._dispatch(key, arrays)))
             throttle([out for _, out in pending])
         for batch, (lp, hit) in pending:
             lp, hit = fetch(lp).astype(np.float64), fetch(hit)
@@ -400,10 +302,10 @@ class Scorer:
                     start = end
         return results  # type: ignore[return-value]
 
-    def _dispatch(self, batch: list[_Group]):
-        g = row_bucket(len(batch), self.shards)
-        p = length_bucket(max(len(gr.ctx) for gr in batch))
-        t = length_bucket(max(gr.chunk_len for gr in batch))
+    def _arrays(self, batch: list[_Group], shape: tuple[int, int, int]):
+        """The batch's shape key and host arrays (ctx, pad, chunk, seg, pos, src, tok,
+        blocks) for make_score_fn, padded to shape (rows, context, chunk)."""
+        g, p, t = shape
         ctx = np.zeros((g, p), np.int32)
         pad = np.full((g,), p - 1, np.int32)  # padding groups: one (masked-in) token
         chunk = np.zeros((g, t), np.int32)
@@ -423,16 +325,70 @@ class Scorer:
                 src.extend(range(g + j * t + at, g + j * t + at + m))
                 tok.extend(c)
                 at += m
-        step = math.lcm(_HEAD_BLOCK, self.shards)
-        n = -(-length_bucket(len(src), _HEAD_BLOCK) // step) * step
+        n = self._n_scored(g, t)
         src_n = np.zeros((n,), np.int32)  # padding entries score position 0, discarded
         src_n[: len(src)] = src
         tok_n = np.zeros((n,), np.int32)
         tok_n[: len(tok)] = tok
-        self.shapes.add(("score", g, p, t, n))
-        args = self._place(ctx, pad, chunk, seg, pos, src_n, tok_n)
-        blocks = np.int32(-(-len(src) // _HEAD_BLOCK))
-        return self._call(self._score, self.params, self._head, *args, blocks)
+        blocks = np.int32(-(-len(src) // HEAD_BLOCK))
+        return ("score", g, p, t), (ctx, pad, chunk, seg, pos, src_n, tok_n, blocks)
+
+    def _compile_ahead(self, key: tuple) -> None:
+        """Start compiling the scoring program for key's shapes on a worker thread (XLA
+        compiles without the GIL): a task's few shapes compile side by side, and while
+        the first batches are scored, instead of one after another as each is first met
+        (on a first run, without the persistent cache, compiling is most of a small
+        task's time)."""
+        if key in self._compiled:
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.compile_threads, thread_name_prefix="compile")
+        from gptjax.sharding import batch_sharding
+
+        def spec(*shape):
+            sh = None if self.mesh is None or not shape else batch_sharding(self.mesh, len(shape))
+            return jax.ShapeDtypeStruct(shape, np.int32, sharding=sh)
+
+        _, g, p, t = key
+        n = self._n_scored(g, t)
+        abstract = [spec(g, p), spec(g), spec(g, t), spec(g, t), spec(g, t), spec(n), spec(n)]
+        abstract.append(spec())  # blocks
+
+        def compile_():
+            start = time.perf_counter()
+            out = self._score.lower(self.params, self._head, *abstract).compile()
+            self._compile_seconds.append(time.perf_counter() - start)
+            return out
+
+        self._compiled[key] = self._pool.submit(lambda: self._call(compile_))
+        self.shapes.add(key)
+
+    def _n_scored(self, g: int, t: int) -> int:
+        """Scored entries of a (g, ., t) batch: at most a chunk's tokens per row plus one
+        per continuation (at most batch_size); a function of the shape, so no shape of
+        its own. The LM head skips the blocks beyond the real ones."""
+        step = math.lcm(HEAD_BLOCK, self.shards)
+        return -(-(g * t + self.batch_size) // step) * step
+
+    def _compile_tokens(self) -> float:
+        """What compiling one more shape costs, in padded tokens of scoring: the mean
+        compile so far (1 s before the first) times the tokens a second the devices
+        score at half their peak FLOP/s (0, no merging for cost, without a peak)."""
+        if self._token_rate is None:
+            from gptjax import metrics, model
+
+            peak = metrics.peak_flops_total() if self.compile_cost else None
+            flops = 2 * model.non_embedding_params(self.cfg)
+            self._token_rate = 0.5 * peak / flops if peak else 0.0
+        seconds = self._compile_seconds or [1.0]
+        return self.compile_cost * self._token_rate * sum(seconds) / len(seconds)
+
+    def _dispatch(self, key: tuple, arrays):
+        *host, blocks = arrays
+        args = self._place(*host)
+        return self._compiled[key].result()(self.params, self._head, *args, blocks)
 
     def rolling(self, texts_ids: Sequence[Sequence[int]], prefix_id: int) -> list[float]:
         """Total loglikelihood of each token list over disjoint n_ctx windows."""
@@ -546,6 +502,16 @@ class EvalModel:
         encoded = [self.encode_pair(c, x) for c, x in pairs]
         scored = self.scorer.loglikelihood(encoded)
         return [(ll, g, len(e[1])) for (ll, g), e in zip(scored, encoded, strict=True)]
+
+    def reserve(self, pair_lists=(), text_lists=()) -> None:
+        """Plan (and start compiling) the shapes of the loglikelihood and rolling calls to
+        come: lists of (context, continuation) pairs, lists of texts."""
+        requests = [[self.encode_pair(c, x) for c, x in pairs] for pairs in pair_lists]
+        eos = self.tokenizer.eos_id
+        for texts in text_lists:
+            ids = [self.tokenizer.encode(t) for t in texts]
+            requests.append([w for i in ids for w in rolling_windows(i, eos, self.n_ctx)])
+        self.scorer.reserve(requests)
 
     def rolling(self, texts: Sequence[str]) -> list[tuple[float, int]]:
         """(loglikelihood, tokens) of each whole text."""
