@@ -209,8 +209,15 @@ def plot_loss(workdir: Path) -> Path | None:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    out = Path(workdir) / "loss.png"
-    tmp = out.with_name("loss.tmp.png")
+    return save_figure(fig, Path(workdir) / "loss.png")
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Write a matplotlib figure to out through a temporary file and a rename (a reader
+    never sees half a PNG), and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = out.with_name(out.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(fig)
     os.replace(tmp, out)
@@ -246,9 +253,4 @@ def plot_eval(workdir: Path) -> Path | None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    out = Path(workdir) / "eval.png"
-    tmp = out.with_name("eval.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, Path(workdir) / "eval.png")

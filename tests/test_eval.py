@@ -242,6 +242,10 @@ def test_shared_file_loaders(shared_data):
     assert len(cb) == 56 and {e.gold for e in cb} == {0, 1, 2}
     wiki = loaders.load_wikitext(shared_data / "wikitext-2" / "valid.txt")
     assert len(wiki) > 20 and wiki[0].kind == "rolling"
+    # Bytes (byte_perplexity, bits_per_byte) of the page as released, as lm-eval counts
+    # them, not of the detokenised text that is scored.
+    page = loaders.wikitext_pages(shared_data / "wikitext-2" / "valid.txt")[0][1]
+    assert wiki[0].n_bytes == len(page.encode()) > len(wiki[0].target.encode())
     assert (
         wiki[0].target.lstrip().startswith("= Homarus gammarus =") and " @-@ " not in wiki[0].target
     )

@@ -34,6 +34,7 @@ class Example:
     stop: tuple[str, ...] = ("\n\n",)  # generate: stop sequences
     doc_id: str = ""  # "file:line", identifies the example (few-shot never draws itself)
     words: int = 0  # rolling: words of the original text (lm-eval's word_perplexity)
+    n_bytes: int = 0  # rolling: UTF-8 bytes of the original text (lm-eval's byte_perplexity)
     group: str = ""  # MultiRC: the question an answer belongs to (em per question, f1a)
     entities: tuple[str, ...] = ()  # ReCoRD: the entity each option fills in
     answers: tuple[str, ...] = ()  # ReCoRD: the correct entities (em / f1 of the chosen one)

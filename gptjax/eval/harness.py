@@ -132,7 +132,9 @@ def _score_rolling(model: EvalModel, shots: list[fewshot.Shot]):
     texts = [s.example.target for s in shots]
     scored = model.rolling(texts)
     lls, tokens = [ll for ll, _ in scored], [n for _, n in scored]
-    n_bytes = [len(t.encode("utf-8")) for t in texts]
+    n_bytes = [
+        s.example.n_bytes or len(t.encode("utf-8")) for s, t in zip(shots, texts, strict=True)
+    ]
     words = [s.example.words or len(t.split()) for s, t in zip(shots, texts, strict=True)]
     stats = metrics.weighted_perplexities(lls, words, n_bytes, tokens)
     out = {name: _stat(v) for name, v in stats.items()}

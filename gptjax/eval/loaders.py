@@ -412,6 +412,7 @@ def load_wikitext(path: Path) -> list[Example]:
             "rolling",
             target=wikitext_detokenize(page),
             words=len(re.split(r"\s+", page)),
+            n_bytes=len(page.encode("utf-8")),  # lm-eval's: the page before detokenising
             doc_id=f"{path.name}:{n}",
         )
         for n, page in docs
