@@ -180,3 +180,49 @@ def test_compile_cache_on_by_default_in_the_user_cache_dir(ckpt, shared_data, tm
         else:
             entries = sorted(p.name for p in cache.iterdir())
             assert entries, "nothing cached"
+
+
+ADAPTER = """
+import json, sys
+from lm_eval.api.instance import Instance
+from gptjax.eval.lm_eval_adapter import GptjaxLM
+from gptjax.eval import loaders
+
+ckpt, data, out = sys.argv[1:4]
+lm = GptjaxLM(checkpoint=ckpt, batch_size=8, mesh="data=2,fsdp=2,tensor=2")
+examples = loaders.load_hellaswag(data + "/hellaswag/hellaswag_val_first200.txt")[:10]
+pairs = [r for ex in examples for r in ex.requests()]
+lls = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+text = open(data + "/tinyshakespeare/input.txt").read()[:600]
+[rolling] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+if lm.is_writer:
+    json.dump({"loglikelihood": lls, "rolling": rolling}, open(out, "w"))
+"""
+
+
+def test_lm_eval_adapter_two_processes_score_like_one(ckpt, shared_data, tmp_path):
+    """lm-eval's model "gptjax" under jax.distributed: the same script in 2 processes x 4
+    devices scores every request bitwise as 1 process x 8 (mesh data=2,fsdp=2,tensor=2,
+    parameters sharded over both processes); only process 0 writes."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed")
+    port = free_port()
+    outs = {}
+    for n in (2, 1):
+        procs = []
+        for i in range(n):
+            out = tmp_path / f"adapter_{n}_{i}.json"
+            e = env(8 // n) | {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+            if n > 1:
+                e |= {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                      "JAX_NUM_PROCESSES": str(n), "JAX_PROCESS_ID": str(i)}  # fmt: skip
+            cmd = [sys.executable, "-c", ADAPTER, str(ckpt), str(shared_data), str(out)]
+            procs.append(subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))  # fmt: skip
+        for p in procs:
+            log = p.communicate(timeout=600)[0]
+            assert p.returncode == 0, log[-3000:]
+        outs[n] = [tmp_path / f"adapter_{n}_{i}.json" for i in range(n)]
+    assert outs[2][0].exists() and not outs[2][1].exists()  # process 0 alone writes
+    two, one = (json.loads(outs[n][0].read_text()) for n in (2, 1))
+    assert len(two["loglikelihood"]) == 40
+    assert two == one

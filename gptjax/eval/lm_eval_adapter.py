@@ -4,7 +4,10 @@
     from gptjax.eval.lm_eval_adapter import GptjaxLM   # registers "gptjax"
     lm_eval.simple_evaluate(model=GptjaxLM(checkpoint="DIR"), tasks=["hellaswag"])
     # or: simple_evaluate(model="gptjax", model_args="checkpoint=DIR,batch_size=32", ...)
-    # model_args may add dtype=bfloat16: the weights are read, and scored, in bfloat16
+    # model_args may add dtype=bfloat16: the weights are read, and scored, in bfloat16;
+    # compile_cache=false: do not keep compiled programs in ~/.cache/gptjax/jax
+    # Several JAX processes: run the same script in each (see GptjaxLM); write the
+    # results where GptjaxLM.is_writer.
 
 lm-eval's TemplateLM does the tokenisation (context/continuation split, empty contexts
 as EOS); the scoring is gptjax.eval.scoring's, the same code `gptjax eval` runs, so the
@@ -32,13 +35,26 @@ class GptjaxLM(TemplateLM):
         max_gen_toks: int = 256,
         dtype: str | None = None,
         model: EvalModel | None = None,
+        compile_cache: bool | str = True,
         **_ignored,
     ):
         super().__init__()
         if model is None:
             if not checkpoint:
                 raise ValueError("the gptjax model needs checkpoint=DIR")
+            from gptjax import distributed
+            from gptjax.config import DistributedConfig
+            from gptjax.eval.compile_cache import compile_cache_dir, use_compile_cache
             from gptjax.sharding import make_mesh
+
+            # One process of several (launched as `gptjax eval` is: SLURM, a TPU pod, or
+            # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID): every process
+            # runs the same lm-eval script over all requests, in the same order, and the
+            # scoring spans all of them. rank stays 0 and world_size 1 for lm-eval: its
+            # own splitting of documents by rank would break that lockstep.
+            distributed.initialize(DistributedConfig())
+            if str(compile_cache).lower() not in ("false", "0", "no"):
+                use_compile_cache(compile_cache_dir())
 
             bs = int(batch_size) if str(batch_size).isdigit() else 32
             model = EvalModel.load(
@@ -46,6 +62,13 @@ class GptjaxLM(TemplateLM):
             )
         self.model = model
         self.max_gen_toks = int(max_gen_toks)
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process should write the results (process 0 of several)."""
+        import jax
+
+        return jax.process_index() == 0
 
     @property
     def eot_token_id(self) -> int:
