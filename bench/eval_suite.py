@@ -13,6 +13,10 @@ Cold: caches empty (a fresh $XDG_CACHE_HOME, so gptjax's persistent compile cach
 lm-eval's datasets cache start empty). Warm: the same command again on those caches.
 Every metric of every task must agree between gptjax and lm-eval (acc, acc_norm to the
 question; perplexities to 1e-4 relative), or the script exits 1.
+
+    python bench/eval_throughput.py --suite          # PIQA, HellaSwag, RTE, CB, SST-2
+    python bench/eval_throughput.py --suite --suite-tasks sst2 --suite-limit 600
+    python bench/eval_throughput.py --suite --suite-tasks wikitext --suite-limit 20
 """
 
 from __future__ import annotations

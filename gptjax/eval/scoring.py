@@ -375,7 +375,8 @@ class Scorer:
     def _compile_tokens(self) -> float:
         """What compiling one more shape costs, in padded tokens of scoring: the mean
         compile so far (1 s before the first) times the tokens a second the devices
-        score at half their peak FLOP/s (0, no merging for cost, without a peak)."""
+        score at half their peak FLOP/s (0, no merging for cost, without a peak). Both
+        are measured per process; with several, process 0's figure is used by all."""
         if self._token_rate is None:
             from gptjax import metrics, model
 
@@ -383,7 +384,12 @@ class Scorer:
             flops = 2 * model.non_embedding_params(self.cfg)
             self._token_rate = 0.5 * peak / flops if peak else 0.0
         seconds = self._compile_seconds or [1.0]
-        return self.compile_cost * self._token_rate * sum(seconds) / len(seconds)
+        tokens = self.compile_cost * self._token_rate * sum(seconds) / len(seconds)
+        if jax.process_count() > 1:  # every process must plan the same shapes: process 0's
+            from jax.experimental import multihost_utils
+
+            tokens = float(multihost_utils.broadcast_one_to_all(np.float64(tokens)))
+        return tokens
 
     def _dispatch(self, key: tuple, arrays):
         *host, blocks = arrays
