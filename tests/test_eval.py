@@ -140,6 +140,20 @@ def test_few_shapes_per_task_change_no_number(em, shared_data):
     assert len(one.scorer.shapes) == 1
 
 
+def test_one_token_continuations_run_without_a_chunk(em):
+    """True/False-style options (each continuation one token): a program with no chunk
+    pass (T = 0), and the same numbers as a full forward pass."""
+    pairs = [(ctx, opt) for ctx in ("The movie was great.\nAnswer:", "It rained.\nAnswer:")
+             for opt in (" True", " False")]  # fmt: skip
+    assert all(len(encode_pair(em.tokenizer, c, x)[1]) == 1 for c, x in pairs)
+    fresh = EvalModel.from_params(em.cfg, em.scorer.params, em.tokenizer, batch_size=8)
+    got = fresh.loglikelihood(pairs)
+    assert {s[3] for s in fresh.scorer.shapes} == {0}
+    for (c, x), (ll, greedy, _) in zip(pairs, got, strict=True):
+        want, want_greedy = _reference_ll(em, *encode_pair(em.tokenizer, c, x))
+        assert abs(ll - want) < 1e-5 and greedy == want_greedy
+
+
 def test_fit_shapes_covers_every_need_with_few_shapes():
     needs = [(16, 24, 32)] * 5 + [(16, 32, 128)] * 3 + [(8, 16, 16), (16, 24, 384), (16, 96, 8)]
     for max_new in (1, 2, 3):

@@ -59,13 +59,15 @@ def make_score_fn(graphdef, cfg: ModelConfig):
         cache = KVCache.empty(cfg, g, p + t, valid_GxS)
         pos_GxP = jnp.maximum(jnp.arange(p)[None, :] - pad_G[:, None], 0)
         h_GxPxD, cache = model.layers(model.embed(ctx_GxP, pos_GxP), pos_GxP, None, cache)
-        cache = KVCache(
-            cache.k_BxKxSxH, cache.v_BxKxSxH, cache.index + p, valid_GxS, False, seg_GxT
-        )
-        h_GxTxD, _ = model.layers(model.embed(chunk_GxT, pos_GxT), pos_GxT, None, cache)
         # A target is predicted by the hidden state before it: the context's last
         # position for a continuation's first token.
-        h_all = jnp.concatenate([h_GxPxD[:, -1], h_GxTxD.reshape(g * t, -1)], axis=0)
+        h_all = h_GxPxD[:, -1]
+        if t:  # T = 0: every continuation is one token (True/False, a label word)
+            cache = KVCache(
+                cache.k_BxKxSxH, cache.v_BxKxSxH, cache.index + p, valid_GxS, False, seg_GxT
+            )
+            h_GxTxD, _ = model.layers(model.embed(chunk_GxT, pos_GxT), pos_GxT, None, cache)
+            h_all = jnp.concatenate([h_all, h_GxTxD.reshape(g * t, -1)], axis=0)
         # Only the real continuation tokens (src) go through the LM head, the bulk of the
         # work: none of the padding of the length buckets. It runs in a loop over blocks
         # of 128 positions and, inside, over the vocabulary in chunks of at most 4096
