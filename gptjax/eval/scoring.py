@@ -20,9 +20,11 @@ vocabulary projection runs on continuation tokens only.
 
 Shapes are bucketed so compiles are few: context and packed-chunk lengths to
 {8, 16, 24, 32, 48, 64, 96, 128, ...} (powers of two, with 1.5x steps from 16 on;
-`length_bucket`), rows to powers of two (and to a multiple of the batch shards), and the
-number of scored tokens to multiples of 128 (the LM-head block) and of the batch shards,
-on the same buckets; the LM head skips the blocks of that last padding.
+`length_bucket`; a chunk of 0 where every continuation is one token), rows to powers of
+two (and to a multiple of the batch shards); the scored entries are a function of those
+(the LM head skips the blocks beyond the real ones). Batches are then padded onto fewer
+shapes where that costs less than compiling (gptjax.eval.buckets.fit_shapes), planned
+for a whole suite at once (`reserve`), and compiled on worker threads ahead of use.
 Padding never changes a number: contexts are left-padded with the padding slots masked
 out of attention, chunks right-padded with a segment of their own, and padded rows are
 discarded.
