@@ -193,7 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
         "beside the data where one exists, else the eval set without the example)",
     )  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
-    p.add_argument("--batch-size", type=int, default=32, help="continuations scored per batch")
+    p.add_argument(
+        "--batch-size", type=int, default=32,
+        help="rows scored per batch, each n_ctx tokens of packed requests (prompts per "
+        "batch when generating)",
+    )  # fmt: skip
     p.add_argument("--output", type=Path, default=None, help="results JSON")
     p.add_argument("--log-samples", type=Path, default=None, help="per-example JSONL")
     p.add_argument("--plot", type=Path, default=None, help="PNG (default: beside --output)")

@@ -1,11 +1,10 @@
 """`gptjax plan --step eval|decode`: the memory of the evaluation and decoding programs,
 compiled ahead of time with abstract inputs on any mesh (gptjax.tpu: a TPU topology's).
 
-eval is the scoring program of `gptjax eval` (eval.score_program.make_score_fn): G rows, each
-a left-padded context of P tokens prefilled into a KV cache of n_ctx slots and a packed
-chunk of T continuation tokens, the LM head applied to the scored positions in blocks
-over vocabulary chunks, parameters in the compute dtype (as evaluation loads them). The
-plan takes the worst case a row can be: P + T = n_ctx, T = 128.
+eval is the scoring program of `gptjax eval` (eval.score_program.make_score_fn): R rows of
+n_ctx tokens of packed requests through the model, the LM head applied to the scored
+positions in blocks over vocabulary chunks, parameters in the compute dtype (as
+evaluation loads them); the shape is the same whatever the requests.
 
 decode is one KV-cache decode step of generate.py's loop (model.GPT.decode of one token
 per row) over a cache of n_ctx slots, the cache donated as the loop carries it.
@@ -22,10 +21,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gptjax import model, plan, sharding
+from gptjax import model, plan, sharding, xla_cpu
 from gptjax.config import Config
-
-CHUNK = 128  # continuation tokens per scoring row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +66,9 @@ def eval_program(cfg: Config, mesh, batch: int):
     m = cfg.model
     graphdef, params = abstract_params(cfg, mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    g = buckets.row_bucket(batch, shards)
-    t = min(CHUNK, m.seq_len // 2)
-    p = m.seq_len - t
-    n = -(-(g * (t + 1)) // math.lcm(128, shards)) * math.lcm(128, shards)
+    r, s = buckets.row_bucket(batch, shards), m.seq_len
+    step = math.lcm(score_program.HEAD_BLOCK, shards)
+    n = -(-(r * s) // step) * step
     c = score_program.vocab_chunks(m.padded_vocab, mesh.shape["tensor"])
     dt = jnp.dtype(m.compute_dtype)
     head = _struct((c, m.d_model, m.padded_vocab // c), dt, mesh, (None, "embed", "vocab"))
@@ -80,10 +76,10 @@ def eval_program(cfg: Config, mesh, batch: int):
     def rows(*shape):
         return _struct(shape, jnp.int32, mesh, ("batch",) + (None,) * (len(shape) - 1))
 
-    args = (params, head, rows(g, p), rows(g), rows(g, t), rows(g, t), rows(g, t))
-    args += (rows(n), rows(n), jax.ShapeDtypeStruct((), jnp.int32))
+    args = (params, head, *(rows(r, s) for _ in range(4)), rows(n), rows(n))
+    args += (jax.ShapeDtypeStruct((), jnp.int32),)
     shape = (
-        f"{g} rows x ({p} context + {t} chunk) tokens, {n} scored positions, LM head in "
+        f"{r} rows x {s} tokens of packed requests, {n} scored positions, LM head in "
         f"{c} vocabulary chunk(s), parameters in {m.compute_dtype}"
     )
     return jax.jit(score_program.make_score_fn(graphdef, m)), args, shape
@@ -115,17 +111,23 @@ def decode_program(cfg: Config, mesh, batch: int):
     return jax.jit(step, donate_argnums=2), (params, head, cache, tokens, tokens), shape
 
 
-def plan_step(cfg: Config, step: str, mesh, batch: int, hbm: int, usable: float) -> StepPlan:
-    """Compile the eval or decode program on `mesh` and account its per-device memory."""
+def compile_step(cfg: Config, step: str, mesh, batch: int):
+    """(compiled eval or decode program on `mesh`, its abstract arguments, description)."""
     program = {"eval": eval_program, "decode": decode_program}[step]
     if batch % (mesh.shape["data"] * mesh.shape["fsdp"]) and step == "decode":
         raise plan.PlanError(
             f"--batch {batch} does not split over data*fsdp="
             f"{mesh.shape['data'] * mesh.shape['fsdp']}"
         )
-    with jax.set_mesh(mesh):
+    # The target's program, not the XLA:CPU forms (gptjax.xla_cpu), as plan.compile_step.
+    with jax.set_mesh(mesh), xla_cpu.portable_lowering():
         fn, args, shape = program(cfg, mesh, batch)
-        compiled = fn.lower(*args).compile()
+        return fn.lower(*args).compile(), args, shape
+
+
+def plan_step(cfg: Config, step: str, mesh, batch: int, hbm: int, usable: float) -> StepPlan:
+    """Compile the eval or decode program on `mesh` and account its per-device memory."""
+    compiled, args, shape = compile_step(cfg, step, mesh, batch)
     xla = plan.xla_fields(compiled)
     params = plan.shard_bytes(args[0], jax.tree.map(lambda a: a.sharding, args[0]))
     total = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"]
@@ -138,8 +140,8 @@ def format_step_plan(p: StepPlan, layout, notes=()) -> str:
         [
             f"{p.step} step on mesh {layout} ({layout.devices} devices): {p.shape}",
             f"  parameters           {p.params / gib:8.2f} GiB",
-            f"  everything else      {(p.total - p.params) / gib:8.2f} GiB  (KV cache, "
-            f"activations, logits, inputs)",
+            f"  everything else      {(p.total - p.params) / gib:8.2f} GiB  ("
+            f"{'KV cache, ' if p.step == 'decode' else ''}activations, logits, inputs)",
             f"  total per device     {p.total / gib:8.2f} GiB",
             f"  {p.hbm / gib:.1f} GiB per device, plan budget {p.usable * p.hbm / gib:.1f} GiB "
             f"({p.usable:.0%}): {'FITS' if p.fits else 'DOES NOT FIT'}",

@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gptjax.attention import attention_mask, blocked_causal_attention, tree_mask
 from gptjax.config import ModelConfig
 from gptjax.sharding import constrain, manual_axes
-from gptjax.xla_cpu import cotangent_barrier, project
+from gptjax.xla_cpu import cotangent_barrier, cpu_lowering, project
 
 # Parameters are created unsharded (under eval_shape or a jit whose out_shardings
 # come from sharding.py); Flax must not try to place them itself.
@@ -81,51 +82,6 @@ def apply_rope(x_BxLxNxH, positions_BxL, theta: float):
     return rotated.reshape(x.shape).astype(x_BxLxNxH.dtype)
 
 
-def attention_mask(q_len: int, k_len: int, window: int):
-    """Causal (and, for window > 0, banded) mask [q_len, k_len]."""
-    q_pos = jnp.arange(q_len)[:, None]
-    k_pos = jnp.arange(k_len)[None, :]
-    mask = k_pos <= q_pos
-    if window:
-        mask &= q_pos - k_pos < window
-    return mask
-
-
-def blocked_causal_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, window: int, blocks: int = 4):
-    """Causal (banded for window > 0) softmax attention computed per block of queries
-    over only the keys up to that block's end: about half the work of the full L x L
-    scores, forward and backward. XLA:CPU's dot_product_attention computes them all."""
-    b, length, n, h = q_BxLxNxH.shape
-    kv = k_BxLxKxH.shape[2]
-    if length % blocks or length < 64:
-        blocks = 1
-    size = length // blocks
-    dt = q_BxLxNxH.dtype
-    # Heads-major [B, K, G, L, H] (queries) and [B, K, 1, L, H] (keys, values) for GQA.
-    q = q_BxLxNxH.reshape(b, length, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
-    q = q * jnp.asarray(1 / math.sqrt(h), dt)
-    k = k_BxLxKxH.transpose(0, 2, 1, 3)[:, :, None]
-    v = v_BxLxKxH.transpose(0, 2, 1, 3)[:, :, None]
-    outs = []
-    for i in range(blocks):
-        end = (i + 1) * size
-        scores = jnp.matmul(
-            q[..., i * size : end, :], jnp.swapaxes(k[..., :end, :], -1, -2)
-        ).astype(jnp.float32)
-        q_pos, k_pos = i * size + jnp.arange(size)[:, None], jnp.arange(end)[None, :]
-        ok = k_pos <= q_pos
-        if window:
-            ok &= q_pos - k_pos < window
-        scores = jnp.where(ok, scores, -jnp.inf)  # every row keeps its own key: finite max
-        peak = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-        weights = jnp.exp(scores - peak)
-        # Normalising after the product with v divides L x H values, not L x L.
-        out = jnp.matmul(weights.astype(dt), v[..., :end, :]).astype(jnp.float32)
-        outs.append((out / jnp.sum(weights, axis=-1, keepdims=True)).astype(dt))
-    out = jnp.concatenate(outs, axis=3)  # [B, K, G, L, H]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, length, n, h)
-
-
 @flax.struct.dataclass
 class LayerCache:
     """One layer's key/value cache for decoding, plus what every layer shares."""
@@ -135,7 +91,6 @@ class LayerCache:
     index: jax.Array  # slot of the first token of the current chunk
     key_valid_BxS: jax.Array  # False at left-padding slots
     fresh: bool = flax.struct.field(pytree_node=False, default=False)  # nothing cached yet
-    chunk_segment_BxT: jax.Array | None = None  # see KVCache
 
 
 @flax.struct.dataclass
@@ -155,11 +110,6 @@ class KVCache:
     # Static: True until the first chunk is written, so prefill attends to its own
     # chunk only (no work, and no constant folding, over an all-zero cache).
     fresh: bool = flax.struct.field(pytree_node=False, default=False)
-    # A packed chunk (scoring several continuations of one cached context in one row):
-    # segment id of each chunk token, its segments contiguous. A token attends to the
-    # cache and to the earlier tokens of its own segment only, and each segment sits at
-    # slots index.. as if it were alone (for the local band). None: one sequence.
-    chunk_segment_BxT: jax.Array | None = None
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, slots: int, key_valid_BxS=None, dtype=None):
@@ -187,8 +137,11 @@ class Attention(nnx.Module):
             self.bv = _param(rngs, (k, h), ("kv_heads", "head_dim"), 0.0, dtype)
             self.bo = _param(rngs, (d,), ("norm",), 0.0, dtype)
 
-    def __call__(self, x_BxLxD, positions_BxL, window: int, rng, cache: LayerCache | None = None):
-        """Attention output [B, L, D], and with a cache also the layer's updated (k, v)."""
+    def __call__(
+        self, x_BxLxD, positions_BxL, window: int, rng, cache: LayerCache | None = None, mask=None
+    ):
+        """Attention output [B, L, D], and with a cache also the layer's updated (k, v).
+        mask: attention.tree_mask of packed scoring rows, attended in float32."""
         cfg, dt = self.cfg, x_BxLxD.dtype
         if cache is None and cfg.kv_heads == cfg.n_head:
             # One [D, 3NH] matmul instead of three. Not when decoding: stacking would
@@ -214,6 +167,9 @@ class Attention(nnx.Module):
 
         if cache is not None:
             out_BxLxNxH, new_kv = self._cached(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, window, cache)
+        elif mask is not None:
+            f32 = (a.astype(jnp.float32) for a in (q_BxLxNxH, k_BxLxKxH, v_BxLxKxH))
+            out_BxLxNxH = blocked_causal_attention(*f32, window, mask_BxLxL=mask).astype(dt)
         elif rng is not None and cfg.attn_dropout > 0.0:
             out_BxLxNxH = self._explicit(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, window, rng)
         elif cfg.attention_impl == "blocked":
@@ -257,12 +213,6 @@ class Attention(nnx.Module):
         new_valid_BxT = jax.lax.dynamic_slice_in_dim(cache.key_valid_BxS, cache.index, t, axis=1)
         new_ok_BxTxT = new_ok_TxT[None] & new_valid_BxT[:, None, :]
         q_slot_BxTx1 = cache.index + jnp.arange(t)[None, :, None]
-        if cache.chunk_segment_BxT is not None:
-            same_BxTxT = cache.chunk_segment_BxT[:, :, None] == cache.chunk_segment_BxT[:, None, :]
-            new_ok_BxTxT &= same_BxTxT  # within a segment, slot distances are offsets
-            # Each token's slot as if its segment began at index: its offset in it.
-            first_BxT = jnp.argmax(same_BxTxT, axis=-1)
-            q_slot_BxTx1 = cache.index + (jnp.arange(t)[None] - first_BxT)[..., None]
         new_BxKxGxTxT = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_new_BxKxTxH)
         scores = [jnp.where(new_ok_BxTxT[:, None, None], new_BxKxGxTxT, neg)]
         values = [v_new_BxKxTxH]
@@ -340,11 +290,13 @@ class Block(nnx.Module):
         self.norm2 = Norm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs)
 
-    def __call__(self, x_BxLxD, positions_BxL, window: int, rng, cache: LayerCache | None = None):
+    def __call__(
+        self, x_BxLxD, positions_BxL, window: int, rng, cache: LayerCache | None = None, mask=None
+    ):
         """New residual stream [B, L, D]; with a cache, also the layer's updated (k, v)."""
         rngs = (None, None, None) if rng is None else jax.random.split(rng, 3)
         attn_in = self.norm1(x_BxLxD) if self.prenorm else x_BxLxD
-        h = self.attn(attn_in, positions_BxL, window, rngs[0], cache)
+        h = self.attn(attn_in, positions_BxL, window, rngs[0], cache, mask)
         h, new_kv = h if cache is not None else (h, None)
         if self.prenorm:  # GPT-2/3: x + f(norm(x))
             x_BxLxD = x_BxLxD + dropout(h, self.dropout, rngs[1])
@@ -405,41 +357,58 @@ class GPT(nnx.Module):
         return constrain(x_BxLxD, ("batch", None, "act_embed"))
 
     def layers(self, x_BxLxD, positions_BxL, rng=None, cache: KVCache | None = None,
-               layer_params=None):  # fmt: skip
+               layer_params=None, segments=None):  # fmt: skip
         """The stacked blocks and the final norm, on embeddings [B, L, D]. With a cache
-        (decoding) also returns the updated cache; layer_params: see `layer_params`."""
+        (decoding) also returns the updated cache; layer_params: see `layer_params`.
+        segments: (doc_BxL, seg_BxL) of packed scoring rows (attention.tree_mask)."""
         if cache is not None:
             return self._layers_cached(x_BxLxD, positions_BxL, cache, layer_params)
         cfg = self.cfg
         windows = cfg.attention_windows
         period = len(windows)
+        masks = {}  # window -> tree mask, made once for all layers
+        if segments is not None:
+            for w in dict.fromkeys(windows):
+                masks[w] = constrain(tree_mask(*segments, positions_BxL, w), ("batch", None, None))
         graphdef, stacked = nnx.split(self.blocks)
-
-        def split(a):  # [n_layer, ...] -> period arrays [n_layer / period, ...]
-            return tuple(a[i::period] for i in range(period))
 
         # One scan step applies one period of the attention pattern, so every window is
         # a static argument. Each sub-layer's weights are scanned as their own stacked
         # array (split once, outside the loop): indexing a stacked array inside the body
-        # is fused into the matmuls by XLA:CPU and makes them several times slower.
-        params_per_sublayer = tuple(
-            jax.tree.map(lambda a, i=i: split(a)[i], stacked) for i in range(period)
-        )
+        # is fused into the matmuls by XLA:CPU and makes them several times slower. The
+        # split is a copy of every layer's weights, so the scoring program (segments)
+        # indexes inside the body instead off the CPU: a 175B evaluation on TPU holds
+        # the weights once (40.7 GiB a chip of 8), not twice.
+        if period == 1 or segments is None or cpu_lowering():
+            xs_params = tuple(
+                jax.tree.map(lambda a, i=i: a[i::period], stacked) for i in range(period)
+            )
+
+            def sublayer(step_params, i):
+                return step_params[i]
+        else:
+            xs_params = jax.tree.map(lambda a: a.reshape(-1, period, *a.shape[1:]), stacked)
+
+            def sublayer(step_params, i):
+                return jax.tree.map(lambda a: a[i], step_params)
 
         def group_fn(x_BxLxD, xs):
-            sublayer_params, group_index = xs
+            step_params, group_index = xs
             for i, window in enumerate(windows):
-                block = nnx.merge(graphdef, sublayer_params[i])
+                block = nnx.merge(graphdef, sublayer(step_params, i))
                 layer_rng = None
                 if rng is not None:
                     layer_rng = jax.random.fold_in(rng, group_index * period + i)
-                x_BxLxD = block(cotangent_barrier(x_BxLxD), positions_BxL, window, layer_rng)
+                x_BxLxD = block(
+                    cotangent_barrier(x_BxLxD), positions_BxL, window, layer_rng, None,
+                    masks.get(window),
+                )  # fmt: skip
                 x_BxLxD = constrain(x_BxLxD, ("batch", None, "act_embed"))
             return x_BxLxD, None
 
         if cfg.remat != "none":
             group_fn = jax.checkpoint(group_fn, policy=REMAT_POLICIES[cfg.remat])
-        xs = (params_per_sublayer, jnp.arange(cfg.n_layer // period))
+        xs = (xs_params, jnp.arange(cfg.n_layer // period))
         x_BxLxD, _ = jax.lax.scan(group_fn, x_BxLxD, xs, unroll=not cfg.scan_layers)
         if self.norm_f is not None:
             x_BxLxD = self.norm_f(x_BxLxD)
@@ -464,7 +433,7 @@ class GPT(nnx.Module):
             window = cfg.attention_windows[layer % len(cfg.attention_windows)]
             layer_cache = LayerCache(
                 cache.k_BxKxSxH[layer], cache.v_BxKxSxH[layer], cache.index,
-                cache.key_valid_BxS, cache.fresh, cache.chunk_segment_BxT,
+                cache.key_valid_BxS, cache.fresh,
             )  # fmt: skip
             x_BxTxD, (k_BxTxKxH, v_BxTxKxH) = block(
                 x_BxTxD, positions_BxT, window, None, layer_cache

@@ -11,11 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import checkpoint, cli, config, model
+from gptjax import checkpoint, cli, config, model, xla_cpu
 from gptjax.config import Config, MeshConfig, ModelConfig, TokenizerConfig
 from gptjax.eval import fewshot, harness, loaders, metrics, score_program, tasks
 from gptjax.eval.buckets import fit_shapes
-from gptjax.eval.scoring import EvalModel, encode_pair, length_bucket, rolling_windows
+from gptjax.eval.scoring import (
+    EvalModel,
+    encode_pair,
+    length_bucket,
+    pack_rows,
+    rolling_windows,
+)
 from gptjax.eval.tasks import EvalInputError, Example
 from gptjax.tokenizer import load_tokenizer
 
@@ -106,6 +112,12 @@ def test_packed_continuations_match_full_forward_with_a_band_gqa_and_rope(em, sh
         want, want_greedy = _reference_ll(banded, ctx, cont)
         assert abs(ll - want) < 1e-5, (ctx_text[:40], cont_text, ll, want)
         assert greedy == want_greedy
+    # The program GPU/TPU get (no XLA:CPU forms: each layer's weights sliced inside the
+    # layer loop, not split per window before it) scores the same.
+    with xla_cpu.portable_lowering():
+        portable = EvalModel.from_params(cfg, params, em.tokenizer, batch_size=8)
+        for (a, ga, _), (b, gb, _) in zip(got, portable.loglikelihood(pairs), strict=True):
+            assert abs(a - b) < 1e-5 and ga == gb
 
 
 def test_bucketing_and_batching_do_not_change_any_number(em, shared_data):
@@ -125,33 +137,46 @@ def test_few_shapes_per_task_change_no_number(em, shared_data):
     need: the same loglikelihoods, and the second call reuses the first's shapes."""
     pairs = [r for ex in _hellaswag(shared_data, 12) for r in ex.requests()]
     pairs += [("A", " b"), ("x " * 30, " a longer continuation than the others here")]
-    tight = EvalModel.from_params(
-        em.cfg, em.scorer.params, em.tokenizer, batch_size=8, compile_cost=0.0
-    )
-    one = EvalModel.from_params(
-        em.cfg, em.scorer.params, em.tokenizer, batch_size=8, compile_cost=1e9
-    )
+    kw = {"batch_size": 4}
+    tight = EvalModel.from_params(em.cfg, em.scorer.params, em.tokenizer, compile_cost=0.0, **kw)
+    one = EvalModel.from_params(em.cfg, em.scorer.params, em.tokenizer, compile_cost=1e9, **kw)
     want = tight.loglikelihood(pairs)
-    assert len(tight.scorer.shapes) > 2  # the requests do need several shapes
+    assert len(tight.scorer.shapes) > 1  # the requests do need several shapes
     for (a, ga, na), (b, gb, nb) in zip(want, one.loglikelihood(pairs), strict=True):
         assert abs(a - b) < 1e-5 and ga == gb and na == nb
     assert len(one.scorer.shapes) == 1
-    one.loglikelihood(pairs[:8])  # smaller needs: covered by the compiled shape
+    one.loglikelihood(pairs[:3])  # smaller needs: covered by the compiled shape
     assert len(one.scorer.shapes) == 1
 
 
-def test_one_token_continuations_run_without_a_chunk(em):
-    """True/False-style options (each continuation one token): a program with no chunk
-    pass (T = 0), and the same numbers as a full forward pass."""
-    pairs = [(ctx, opt) for ctx in ("The movie was great.\nAnswer:", "It rained.\nAnswer:")
-             for opt in (" True", " False")]  # fmt: skip
-    assert all(len(encode_pair(em.tokenizer, c, x)[1]) == 1 for c, x in pairs)
+def test_requests_share_rows_and_score_as_if_alone(em, shared_data):
+    """Short requests (one-token options, HellaSwag endings) are packed several to a row
+    of n_ctx tokens, with little padding, and each scores as a forward pass of it alone."""
+    contexts = [f"Review {i}: the movie was {'great' * i}.\nAnswer:" for i in range(10)]
+    pairs = [(ctx, opt) for ctx in contexts for opt in (" True", " False")]
+    pairs += [r for ex in _hellaswag(shared_data, 8) for r in ex.requests()]
     fresh = EvalModel.from_params(em.cfg, em.scorer.params, em.tokenizer, batch_size=8)
+    encoded = [fresh.encode_pair(c, x) for c, x in pairs]
+    _, batches = fresh.scorer.batches(encoded)
+    rows = [row for batch in batches for row in batch]
+    used = sum(gr.size for row in rows for gr in row)
+    assert all(sum(gr.size for gr in row) <= N_CTX for row in rows)
+    assert max(len(row) for row in rows) >= 3  # several questions share a row
+    assert used >= 0.8 * len(rows) * N_CTX  # little padding
     got = fresh.loglikelihood(pairs)
-    assert {s[3] for s in fresh.scorer.shapes} == {0}
     for (c, x), (ll, greedy, _) in zip(pairs, got, strict=True):
         want, want_greedy = _reference_ll(em, *encode_pair(em.tokenizer, c, x))
         assert abs(ll - want) < 1e-5 and greedy == want_greedy
+
+
+def test_pack_rows_best_fit():
+    sizes = [5, 9, 3, 7, 1, 4, 6, 2, 8, 5]
+    rows = pack_rows(sizes, 10)
+    assert sorted(i for row in rows for i in row) == list(range(len(sizes)))
+    assert all(sum(sizes[i] for i in row) <= 10 for row in rows)
+    assert len(rows) == 5  # 50 in rows of 10: no row wasted
+    assert rows == pack_rows(sizes, 10)  # deterministic
+    assert pack_rows([10, 10], 10) == [[0], [1]]
 
 
 def test_fit_shapes_covers_every_need_with_few_shapes():

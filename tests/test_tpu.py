@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def tiny(microbatches: int = 2, **model_kw) -> Config:
-    m = ModelConfig(vocab_size=512, seq_len=64, n_layer=2, d_model=128, n_head=4,
-                    compute_dtype="bfloat16", **model_kw)  # fmt: skip
+    kw = {"n_layer": 2, "d_model": 128, "n_head": 4, **model_kw}
+    m = ModelConfig(vocab_size=512, seq_len=64, compute_dtype="bfloat16", **kw)
     return config_lib.validate(
         Config(model=m, train=TrainConfig(batch_size=32, microbatches=microbatches))
     )
@@ -112,6 +112,20 @@ def test_topology_device_kinds_have_peaks(topology):
     assert metrics.peak_for_kind(kind) and metrics.device_info(kind).hbm_bytes
 
 
+def test_tpu_scoring_program_holds_the_weights_once():
+    """GPT-3's alternating dense/banded layers: off the CPU the scoring program slices
+    each layer's weights inside the layer loop. Split into one stacked array per window
+    before the loop (the XLA:CPU form), libtpu copied them: a 175B evaluation's
+    temporaries held a second 40 GiB of weights per chip of 8."""
+    from gptjax import inference_plan
+
+    cfg = tiny(n_layer=8, d_model=2048, n_head=8, attention_windows=(0, 16))
+    layout = plan.Layout(1, 1, 4)
+    mesh = tpu.tpu_mesh(layout, tpu.topology_devices("v5e:2x2"))
+    ev = inference_plan.plan_step(cfg, "eval", mesh, 8, 16 * 2**30, 0.9)
+    assert ev.xla["temp"] < 0.25 * ev.params  # the split form: 0.51
+
+
 def test_eval_and_decode_programs_compile_for_tpu():
     from gptjax import inference_plan
 
@@ -122,6 +136,9 @@ def test_eval_and_decode_programs_compile_for_tpu():
     ev = inference_plan.plan_step(cfg, "eval", mesh, 32, hbm, 0.9)
     params_bf16 = sum(plan.state_bytes(cfg, layout)[:1]) // 2  # f32 parameters -> bf16
     assert ev.fits and ev.params == params_bf16 and ev.xla["temp"] > 0
+    for step, batch in (("eval", 32), ("decode", 8)):  # none of the XLA:CPU forms
+        compiled, _, _ = inference_plan.compile_step(cfg, step, mesh, batch)
+        assert xla_cpu.CPU_SCOPE not in compiled.as_text()
     dec = inference_plan.plan_step(cfg, "decode", mesh, 8, hbm, 0.9)
     m = cfg.model
     cache = 2 * m.n_layer * (8 // 4) * m.kv_heads * m.seq_len * m.head_dim * 2  # K and V, bf16

@@ -33,15 +33,15 @@ def fit_shapes(
     compile_cost: float = 0.0,
     max_new: int = 8,
 ) -> list[tuple[int, ...]]:
-    """The shape each batch runs at, given the shape it needs, (rows, context, chunk):
-    at least as large in every dimension. The cost of running a batch at a shape is its
-    padded tokens, rows x (context + chunk); compiling a shape not in `known` (those
+    """The shape each batch runs at, given the shape it needs, (rows, lengths...): at
+    least as large in every dimension. The cost of running a batch at a shape is its
+    padded tokens, rows x the sum of its lengths; compiling a shape not in `known` (those
     already compiled) costs `compile_cost` such tokens. Greedy: while some merge of a new
     shape into another (or both into their maximum) adds fewer padded tokens than the
     compile it saves, or there are more than `max_new` new shapes, the cheapest is made."""
 
     def cost(s):
-        return s[0] * (s[1] + s[2])
+        return s[0] * sum(s[1:])
 
     known = set(known)
     count = Counter(needs)

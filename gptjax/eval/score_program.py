@@ -1,6 +1,6 @@
-"""The jitted scoring program of `gptjax eval` (gptjax.eval.scoring batches requests into
-it; `gptjax plan --step eval` compiles it for a target): prefill of the contexts, a
-packed chunk of continuations, and the LM head on the scored positions only."""
+"""The jitted scoring program of `gptjax eval` (gptjax.eval.scoring packs requests into
+its rows; `gptjax plan --step eval` compiles it for a target): one pass of the model
+over rows of packed requests, and the LM head on the scored positions only."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax.config import ModelConfig
-from gptjax.model import KVCache
 
 HEAD_BLOCK = 128  # positions per LM-head block in make_score_fn
 HEAD_WIDTH = 4096  # at most this many vocabulary entries per LM-head chunk
@@ -40,45 +39,29 @@ def scoring_head(params: dict, cfg: ModelConfig, n_chunks: int):
 
 
 def make_score_fn(graphdef, cfg: ModelConfig):
-    """(params, head_CxDxv, ctx [G, P] left-padded, ctx_pad [G], chunk [G, T], segment
-    [G, T], positions [G, T], src [N], target [N], blocks) -> (log-prob [N], is-greedy
-    [N]) of the target tokens. chunk: each row's continuations packed (all but their
-    last tokens), segment ids -1 on its padding; src: where each target's predicting
-    hidden state is, g < G the last context position of row g, else G + row * T + t.
-    Only the first `blocks` blocks of HEAD_BLOCK entries of src are real. head_CxDxv:
-    scoring_head, made outside this jit."""
+    """(params, head_CxDxv, tokens [R, S], positions [R, S], doc [R, S], seg [R, S],
+    src [N], target [N], blocks) -> (log-prob [N], is-greedy [N]) of the target tokens.
+    Each row packs several requests (attention.tree_mask: doc and segment ids, -1 docs
+    on padding), every token at the position it has alone; src: the flat index r * S + i
+    of the hidden state that predicts each target. Only the first `blocks` blocks of
+    HEAD_BLOCK entries of src are real. head_CxDxv: scoring_head, made outside this jit."""
     from gptjax.sharding import constrain
 
-    def score(
-        params, head_CxDxv, ctx_GxP, pad_G, chunk_GxT, seg_GxT, pos_GxT, src_N, tok_N, blocks
-    ):
+    def score(params, head_CxDxv, tokens_RxS, pos_RxS, doc_RxS, seg_RxS, src_N, tok_N, blocks):
         model = nnx.merge(graphdef, params)
-        g, p = ctx_GxP.shape
-        t = chunk_GxT.shape[1]
-        valid_GxS = jnp.arange(p + t)[None, :] >= pad_G[:, None]
-        cache = KVCache.empty(cfg, g, p + t, valid_GxS)
-        pos_GxP = jnp.maximum(jnp.arange(p)[None, :] - pad_G[:, None], 0)
-        h_GxPxD, cache = model.layers(model.embed(ctx_GxP, pos_GxP), pos_GxP, None, cache)
-        # A target is predicted by the hidden state before it: the context's last
-        # position for a continuation's first token.
-        h_all = h_GxPxD[:, -1]
-        if t:  # T = 0: every continuation is one token (True/False, a label word)
-            cache = KVCache(
-                cache.k_BxKxSxH, cache.v_BxKxSxH, cache.index + p, valid_GxS, False, seg_GxT
-            )
-            h_GxTxD, _ = model.layers(model.embed(chunk_GxT, pos_GxT), pos_GxT, None, cache)
-            h_all = jnp.concatenate([h_all, h_GxTxD.reshape(g * t, -1)], axis=0)
-        # Only the real continuation tokens (src) go through the LM head, the bulk of the
-        # work: none of the padding of the length buckets. It runs in a loop over blocks
-        # of 128 positions and, inside, over the vocabulary in chunks of at most 4096
-        # entries with a running (online) log-sum-exp: a [128, V/C] chunk of logits
-        # stays in cache between its matmul and its reductions, where [64, V] row blocks
-        # went through memory (the eval bench's head went from ~4.0 s to ~2.9 s). Padded
-        # vocabulary entries are -inf: they take no mass and never win the max.
+        x_RxSxD = model.embed(tokens_RxS, pos_RxS)
+        h_RxSxD = model.layers(x_RxSxD, pos_RxS, segments=(doc_RxS, seg_RxS))
+        h_all = h_RxSxD.reshape(-1, h_RxSxD.shape[-1]).astype(head_CxDxv.dtype)
+        # Only the real targets (src) go through the LM head, the bulk of the work: it
+        # runs in a loop over blocks of 128 of them and, inside, over the vocabulary in
+        # chunks of at most 4096 entries with a running (online) log-sum-exp: a [128,
+        # V/C] chunk of logits stays in cache between its matmul and its reductions,
+        # where [64, V] row blocks went through memory (the eval bench's head went from
+        # ~4.0 s to ~2.9 s). Padded vocabulary entries are -inf: they take no mass and
+        # never win the max.
         n_chunks, _, width = head_CxDxv.shape
         n = src_N.shape[0]
         block = min(n, HEAD_BLOCK)
-        h_NxD = jnp.take(h_all, src_N, axis=0)
 
         def head(h_BxD, tok_B):
             chunk_B, col_B = tok_B % n_chunks, tok_B // n_chunks
@@ -101,13 +84,13 @@ def make_score_fn(graphdef, cfg: ModelConfig):
             # Greedy: the target's logit is the maximum (lm-eval: argmax == target).
             return target_B - (jnp.log(sum_B) + max_B), target_B >= max_B
 
-        # A loop with a traced trip count: the blocks of src's bucket padding (up to a
-        # third of the bucket) are not computed at all, and the shape stays bucketed.
-        h_MxBxD = h_NxD.astype(head_CxDxv.dtype).reshape(n // block, block, -1)
+        # A loop with a traced trip count: the blocks of src's padding are not computed
+        # at all (nor gathered), and the shape stays that of the rows.
+        src_MxB = src_N.reshape(n // block, block)
         tok_MxB = tok_N.reshape(n // block, block)
 
         def body(i, out):
-            lp_B, hit_B = head(h_MxBxD[i], tok_MxB[i])
+            lp_B, hit_B = head(jnp.take(h_all, src_MxB[i], axis=0), tok_MxB[i])
             return out[0].at[i].set(lp_B), out[1].at[i].set(hit_B)
 
         empty = (jnp.zeros(tok_MxB.shape, jnp.float32), jnp.zeros(tok_MxB.shape, bool))

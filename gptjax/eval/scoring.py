@@ -1,4 +1,4 @@
-"""Scoring requests on the model: batched, length-bucketed, jitted, sharded.
+"""Scoring requests on the model: packed, batched, jitted, sharded.
 
 Request kinds, all on token ids:
   loglikelihood  sum log P(continuation | context) and whether greedy decoding would
@@ -8,26 +8,21 @@ Request kinds, all on token ids:
   greedy         generation until EOS or max_new tokens (text stop sequences are cut on
                  the host), via gptjax.generate's cached decode loop.
 
-Shared contexts are computed once. Requests with the same context tokens (the options
-of a multiple-choice question) form a group: the context is prefilled once into the KV
-cache (only its last position goes through the LM head), and all its continuations are
-packed into one row of a cached chunk, each as a segment that attends to the context and
-to itself only (model.KVCache.chunk_segment_BxT), at the positions it would have alone.
-A continuation's last token is never an input, so a segment holds the others. For
-HellaSwag that is 1 context + 4 endings of work per question instead of lm-eval's
-4 x (context + ending), without padding every ending to the longest one, and the
-vocabulary projection runs on continuation tokens only.
+Requests are packed into rows of n_ctx tokens, so that almost no work is padding and a
+whole suite runs at one or two compiled shapes. Requests with the same context tokens
+(the options of a multiple-choice question) form a group: its context is written once
+and each continuation follows it as a branch that attends to the context and to itself
+only (attention.tree_mask), at the positions it would have alone; a continuation's last
+token is never an input. For HellaSwag that is 1 context + 4 endings of work per
+question instead of lm-eval's 4 x (context + ending). Groups are packed best-fit into
+rows (`pack_rows`), each a document the others in its row never see; the LM head runs
+on the scored positions only.
 
-Shapes are bucketed so compiles are few: context and packed-chunk lengths to
-{8, 16, 24, 32, 48, 64, 96, 128, ...} (powers of two, with 1.5x steps from 16 on;
-`length_bucket`; a chunk of 0 where every continuation is one token), rows to powers of
-two (and to a multiple of the batch shards); the scored entries are a function of those
-(the LM head skips the blocks beyond the real ones). Batches are then padded onto fewer
-shapes where that costs less than compiling (gptjax.eval.buckets.fit_shapes), planned
-for a whole suite at once (`reserve`), and compiled on worker threads ahead of use.
-Padding never changes a number: contexts are left-padded with the padding slots masked
-out of attention, chunks right-padded with a segment of their own, and padded rows are
-discarded.
+A batch is `batch_size` rows; its shape (rows, n_ctx) is a row bucket (powers of two,
+a multiple of the batch shards), padded onto fewer shapes where that costs less than
+compiling (gptjax.eval.buckets.fit_shapes), planned for a whole suite at once
+(`reserve`) and compiled on worker threads ahead of use. Padding never changes a number:
+padding tokens are documents of their own and padded rows are discarded.
 
 On a mesh the parameters keep their derived shardings (fsdp/tensor) and batch rows are
 split over (data, fsdp), so the same code evaluates a GPT-3-size checkpoint.
@@ -131,18 +126,38 @@ class _Group:
 
     @property
     def chunk_len(self) -> int:
-        """Tokens of the group's packed chunk: its continuations but their last tokens."""
+        """Input tokens of its continuations: all but their last tokens."""
         return sum(len(c) - 1 for _, c in self.conts)
 
+    @property
+    def size(self) -> int:
+        """Room it takes in a row: its tokens (context, then continuations) and its
+        targets (a row scores at most as many as it has tokens)."""
+        return max(len(self.ctx), len(self.conts)) + self.chunk_len
 
-def _chunk_bucket(n: int) -> int:
-    """A packed chunk's length bucket; 0 where every continuation is one token (the
-    program then has no chunk pass at all: fewer FLOPs and a faster compile)."""
-    return length_bucket(n) if n else 0
+
+def pack_rows(sizes: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: the indices of `sizes` (each <= capacity) in rows of at most
+    `capacity` in total, each placed in the fullest row it fits in. Deterministic (ties
+    by index); rows come out fullest first."""
+    import bisect
+
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (room left, row)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        at = bisect.bisect_left(free, (sizes[i], -1))
+        if at == len(free):
+            rows.append([i])
+            bisect.insort(free, (capacity - sizes[i], len(rows) - 1))
+            continue
+        room, r = free.pop(at)
+        rows[r].append(i)
+        bisect.insort(free, (room - sizes[i], r))
+    return rows
 
 
 class Scorer:
-    """Jitted, bucketed scoring of token-level requests for one model (and mesh)."""
+    """Jitted scoring of token-level requests for one model (and mesh), packed in rows."""
 
     def __init__(
         self,
@@ -152,19 +167,17 @@ class Scorer:
         *,
         mesh=None,
         batch_size: int = 32,
-        token_budget: int = 8192,
         compile_threads: int = 2,
         compile_cost: float = 1.0,
     ):
         self.graphdef, self.params, self.cfg, self.mesh = graphdef, params, cfg, mesh
-        self.batch_size, self.token_budget = max(1, batch_size), token_budget
+        self.batch_size = max(1, batch_size)
         self.shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self._score = jax.jit(make_score_fn(graphdef, cfg))
         tensor = 1 if mesh is None else mesh.shape["tensor"]
         head_fn = partial(scoring_head, cfg=cfg, n_chunks=vocab_chunks(cfg.padded_vocab, tensor))
         self._head_fn = jax.jit(head_fn)
         self.set_params(params)
-        self.shapes: set[tuple] = set()  # distinct compiled shapes, for the record
         # shape key -> Future of the compiled scoring program (_compile_ahead)
         self._compiled: dict[tuple, object] = {}
         self._pool = None
@@ -186,6 +199,11 @@ class Scorer:
     def n_ctx(self) -> int:
         return self.cfg.seq_len
 
+    @property
+    def shapes(self) -> set[tuple]:
+        """The distinct scoring programs compiled (or compiling), for the record."""
+        return set(self._compiled)
+
     def _place(self, *arrays):
         """Host arrays (the same on every process) -> global arrays split over the batch
         shards; each process fills only the rows of its own devices."""
@@ -204,30 +222,9 @@ class Scorer:
         with jax.set_mesh(self.mesh):
             return fn(*args)
 
-    def _batches(self, groups: list[_Group]) -> list[list[_Group]]:
-        """Greedy packing of groups sorted by bucketed (chunk, context) length, longest
-        first, under a continuation limit (batch_size) and a chunk-token budget."""
-
-        def key(gr):  # the chunk first: its G x T tokens are most of the model's work
-            return (length_bucket(gr.chunk_len), length_bucket(len(gr.ctx)))
-
-        groups = sorted(groups, key=key, reverse=True)
-        batches, current, rows, t_max = [], [], 0, 0
-        for gr in groups:
-            t_new = max(t_max, key(gr)[0])
-            too_many = rows + len(gr.conts) > self.batch_size
-            if current and (too_many or (len(current) + 1) * t_new > self.token_budget):
-                batches.append(current)
-                current, rows, t_new = [], 0, key(gr)[0]
-            current.append(gr)
-            rows += len(gr.conts)
-            t_max = t_new
-        if current:
-            batches.append(current)
-        return batches
-
-    def _group_batches(self, requests):
-        """Requests -> (results with the empty continuations filled in, batches of groups)."""
+    def batches(self, requests):
+        """Requests -> (results with the empty continuations filled in, batches: lists of
+        rows, each a list of groups packed into n_ctx tokens)."""
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         by_ctx: dict[tuple[int, ...], _Group] = {}
         for i, (ctx, cont) in enumerate(requests):
@@ -238,34 +235,27 @@ class Scorer:
                 raise ValueError("a request needs at least one context token (use EOS)")
             ctx, cont = truncate(ctx, cont, self.n_ctx)
             by_ctx.setdefault(tuple(ctx), _Group(ctx, [])).conts.append((i, cont))
-        # A group is split (its context recomputed per part) into parts of at most
-        # batch_size continuations and, beyond one continuation, n_ctx chunk tokens: a
-        # chunk's attention is T x T.
+        # A group is split (its context repeated in each part) into parts that fit a row;
+        # one request always fits (truncate).
         groups = []
         for gr in by_ctx.values():
             part = _Group(gr.ctx, [])
             for i, c in gr.conts:
-                full = len(part.conts) >= self.batch_size
-                if part.conts and (full or part.chunk_len + len(c) - 1 > self.n_ctx):
+                if part.conts and _Group(gr.ctx, [*part.conts, (i, c)]).size > self.n_ctx:
                     groups.append(part)
                     part = _Group(gr.ctx, [])
                 part.conts.append((i, c))
             groups.append(part)
-        return results, self._batches(groups)
+        rows = [[groups[i] for i in row] for row in pack_rows([g.size for g in groups], self.n_ctx)]
+        step = self.batch_size
+        return results, [rows[s : s + step] for s in range(0, len(rows), step)]
 
-    def _needs(self, batches) -> list[tuple[int, int, int]]:
-        """The smallest (rows, context, chunk) buckets that hold each batch."""
-        return [
-            (
-                row_bucket(len(b), self.shards),
-                length_bucket(max(len(gr.ctx) for gr in b)),
-                _chunk_bucket(max(gr.chunk_len for gr in b)),
-            )
-            for b in batches
-        ]
+    def _needs(self, batches) -> list[tuple[int, int]]:
+        """The smallest (rows, row length) shape that holds each batch."""
+        return [(row_bucket(len(b), self.shards), self.n_ctx) for b in batches]
 
-    def _shapes(self, batches) -> list[tuple[int, int, int]]:
-        """The (rows, context, chunk) shape each batch runs at: planned by reserve, or
+    def _shapes(self, batches) -> list[tuple[int, int]]:
+        """The (rows, row length) shape each batch runs at: planned by reserve, or
         fitted now (buckets.fit_shapes) against the shapes already compiled."""
         needs = self._needs(batches)
         todo = [n for n in needs if n not in self._planned]
@@ -280,7 +270,7 @@ class Scorer:
         so that they share compiled programs, and start compiling them now."""
         needs = []
         for requests in request_lists:
-            needs += self._needs(self._group_batches(requests)[1])
+            needs += self._needs(self.batches(requests)[1])
         known = [k[1:] for k in self._compiled]
         fitted = fit_shapes(needs, known, compile_cost=self._compile_tokens())
         self._planned.update(zip(needs, fitted, strict=True))
@@ -291,62 +281,61 @@ class Scorer:
         self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
     ) -> list[tuple[float, bool]]:
         """(sum log P(cont | ctx), is_greedy) for each (context ids, continuation ids)."""
-        results, batches = self._group_batches(requests)
+        results, batches = self.batches(requests)
         shapes = self._shapes(batches)
         for shape in dict.fromkeys(shapes):  # every shape this call needs, compiling at once
             self._compile_ahead(("score", *shape))
-        batches = [(b, self._arrays(b, s)) for b, s in zip(batches, shapes, strict=True)]
         pending = []
-        for batch, (key, arrays) in batches:
-            pending.append((batch, self._dispatch(key, arrays)))
+        for batch, shape in zip(batches, shapes, strict=True):
+            key, arrays, owners = self._arrays(batch, shape)
+            pending.append((owners, self._dispatch(key, arrays)))
             throttle([out for _, out in pending])
-        for batch, (lp, hit) in pending:
+        for owners, (lp, hit) in pending:
             lp, hit = fetch(lp).astype(np.float64), fetch(hit)
-            start = 0
-            for gr in batch:
-                for i, c in gr.conts:
-                    end = start + len(c)
-                    results[i] = (float(lp[start:end].sum()), bool(hit[start:end].all()))
-                    start = end
+            for i, start, end in owners:
+                results[i] = (float(lp[start:end].sum()), bool(hit[start:end].all()))
         return results  # type: ignore[return-value]
 
-    def _arrays(self, batch: list[_Group], shape: tuple[int, int, int]):
-        """The batch's shape key and host arrays (ctx, pad, chunk, seg, pos, src, tok,
-        blocks) for make_score_fn, padded to shape (rows, context, chunk)."""
-        g, p, t = shape
-        ctx = np.zeros((g, p), np.int32)
-        pad = np.full((g,), p - 1, np.int32)  # padding groups: one (masked-in) token
-        chunk = np.zeros((g, t), np.int32)
-        seg = np.full((g, t), -1, np.int32)
-        pos = np.zeros((g, t), np.int32)
-        src, tok = [], []  # per target token, in request order
-        for j, gr in enumerate(batch):
-            ctx[j, p - len(gr.ctx) :] = gr.ctx
-            pad[j] = p - len(gr.ctx)
+    def _arrays(self, batch: list[list[_Group]], shape: tuple[int, int]):
+        """The batch's shape key, host arrays (tokens, positions, doc, seg, src, tok,
+        blocks) for make_score_fn padded to shape (rows, row length), and where each
+        request's targets are: (request index, first, end) entries of src."""
+        r, s = shape
+        tokens = np.zeros((r, s), np.int32)
+        pos = np.zeros((r, s), np.int32)
+        doc = np.full((r, s), -1, np.int32)
+        seg = np.zeros((r, s), np.int32)
+        src, tok, owners = [], [], []  # per target token
+        for j, row in enumerate(batch):
             at = 0
-            for k, (_, c) in enumerate(gr.conts):
-                m = len(c) - 1  # inputs: all but the last token
-                chunk[j, at : at + m] = c[:-1]
-                seg[j, at : at + m] = k
-                pos[j, at : at + m] = len(gr.ctx) + np.arange(m)
-                src.append(j)
-                src.extend(range(g + j * t + at, g + j * t + at + m))
-                tok.extend(c)
-                at += m
-        n = self._n_scored(g, t)
+            for d, gr in enumerate(row):
+                n = len(gr.ctx)
+                tokens[j, at : at + n] = gr.ctx
+                pos[j, at : at + n] = np.arange(n)
+                doc[j, at : at + n + gr.chunk_len] = d
+                last, at = j * s + at + n - 1, at + n  # the context's last token
+                for k, (i, c) in enumerate(gr.conts):
+                    m = len(c) - 1  # inputs: all but the last token
+                    tokens[j, at : at + m] = c[:-1]
+                    pos[j, at : at + m] = n + np.arange(m)
+                    seg[j, at : at + m] = k + 1
+                    owners.append((i, len(src), len(src) + len(c)))
+                    src.append(last)
+                    src.extend(range(j * s + at, j * s + at + m))
+                    tok.extend(c)
+                    at += m
+        n = self._n_scored(r, s)
         src_n = np.zeros((n,), np.int32)  # padding entries score position 0, discarded
         src_n[: len(src)] = src
         tok_n = np.zeros((n,), np.int32)
         tok_n[: len(tok)] = tok
         blocks = np.int32(-(-len(src) // HEAD_BLOCK))
-        return ("score", g, p, t), (ctx, pad, chunk, seg, pos, src_n, tok_n, blocks)
+        return ("score", r, s), (tokens, pos, doc, seg, src_n, tok_n, blocks), owners
 
     def _compile_ahead(self, key: tuple) -> None:
         """Start compiling the scoring program for key's shapes on a worker thread (XLA
-        compiles without the GIL): a task's few shapes compile side by side, and while
-        the first batches are scored, instead of one after another as each is first met
-        (on a first run, without the persistent cache, compiling is most of a small
-        task's time)."""
+        compiles without the GIL): a suite's few shapes compile side by side, and while
+        the data of the first task is read and its first batches are scored."""
         if key in self._compiled:
             return
         if self._pool is None:
@@ -359,10 +348,9 @@ class Scorer:
             sh = None if self.mesh is None or not shape else batch_sharding(self.mesh, len(shape))
             return jax.ShapeDtypeStruct(shape, np.int32, sharding=sh)
 
-        _, g, p, t = key
-        n = self._n_scored(g, t)
-        abstract = [spec(g, p), spec(g), spec(g, t), spec(g, t), spec(g, t), spec(n), spec(n)]
-        abstract.append(spec())  # blocks
+        _, r, s = key
+        n = self._n_scored(r, s)
+        abstract = [spec(r, s), spec(r, s), spec(r, s), spec(r, s), spec(n), spec(n), spec()]
 
         def compile_():
             start = time.perf_counter()
@@ -371,14 +359,12 @@ class Scorer:
             return out
 
         self._compiled[key] = self._pool.submit(lambda: self._call(compile_))
-        self.shapes.add(key)
 
-    def _n_scored(self, g: int, t: int) -> int:
-        """Scored entries of a (g, ., t) batch: at most a chunk's tokens per row plus one
-        per continuation (at most batch_size); a function of the shape, so no shape of
-        its own. The LM head skips the blocks beyond the real ones."""
+    def _n_scored(self, r: int, s: int) -> int:
+        """Scored entries of an (r, s) batch: at most one per token (_Group.size), a
+        function of the shape. The LM head skips the blocks beyond the real ones."""
         step = math.lcm(HEAD_BLOCK, self.shards)
-        return -(-(g * t + self.batch_size) // step) * step
+        return -(-(r * s) // step) * step
 
     def _compile_tokens(self) -> float:
         """What compiling one more shape costs, in padded tokens of scoring: the mean
