@@ -14,6 +14,7 @@ Which losses must be bit-identical, and why:
 """
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -101,20 +102,28 @@ def single(workdir: Path, flags: list[str]) -> str:
 
 def curves(workdir: Path, after: int = 0) -> dict[int, dict]:
     return {
-        r["step"]: {k: r[k] for k in KEYS if k in r}
+        r["step"]: {k: r[k] for k in r if k in KEYS or k.startswith("eval/")}
         for r in read_metrics(workdir)
         if r["step"] > after
     }
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, sp_model, corpus, token_cache):
-    """The same 8 steps (mesh data=8) as 2 processes x 4 devices and as 1 process x 8."""
+def runs(tmp_path_factory, sp_model, corpus, token_cache, shared_data):
+    """The same 8 steps (mesh data=8) as 2 processes x 4 devices and as 1 process x 8,
+    scoring a text and 8 HellaSwag questions at steps 4 and 8."""
     root = tmp_path_factory.mktemp("multihost")
     flags = config_flags(sp_model, corpus, token_cache)
-    out = local(2, 4, root / "two", flags)
+    # Evaluation during training: every process scores its rows of each batch (a text's
+    # perplexities, so that any difference shows, and 8 HellaSwag questions).
+    lm = root / "lm.jsonl"
+    text = corpus.read_text()
+    lm.write_text("".join(json.dumps({"text": text[i : i + 300]}) + "\n" for i in (0, 3000)))
+    hellaswag = shared_data / "hellaswag" / "hellaswag_val_first200.txt"
+    two_flags = [*flags, f"--config.train.eval_tasks=hellaswag={hellaswag}:0:8,lm={lm}"]
+    out = local(2, 4, root / "two", two_flags)
     assert "[0] gptjax:" in out and "[1] gptjax:" not in out  # process 0 alone reports
-    local(1, 8, root / "one", flags)
+    local(1, 8, root / "one", two_flags)
     return root, flags
 
 
@@ -122,7 +131,9 @@ def test_two_processes_train_like_one(runs):
     root, _ = runs
     two, one = curves(root / "two"), curves(root / "one")
     assert sorted(two) == list(range(1, 9))
-    assert two == one  # bitwise: every loss, gradient norm, learning rate and val loss
+    assert [s for s in two if "eval/hellaswag/acc_norm" in two[s]] == [4, 8]
+    assert [s for s in two if "eval/lm/bits_per_byte" in two[s]] == [4, 8]
+    assert two == one  # bitwise: every loss, gradient norm, learning rate, val loss, eval/*
     assert not (root / "two" / "metrics.jsonl.tmp").exists()
     # Only process 0 writes metrics and TensorBoard events; every process saved its shards.
     assert len(list((root / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1
