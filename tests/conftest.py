@@ -46,3 +46,29 @@ def sp_model(corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def token_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("token_cache")
+
+
+@pytest.fixture(scope="session")
+def gpt2_checkpoint(shared_data, tmp_path_factory):
+    """make(seq_len, n_layer) -> a random-init checkpoint (d_model 32, 4 heads, key 0)
+    with GPT-2's BPE tokenizer, the model the evaluation tests score; one per shape."""
+    from gptjax import checkpoint, config, model
+    from gptjax.config import Config, ModelConfig, TokenizerConfig
+    from gptjax.tokenizer import load_tokenizer
+
+    made: dict[tuple[int, int], Path] = {}
+
+    def make(seq_len: int, n_layer: int) -> Path:
+        if (seq_len, n_layer) not in made:
+            tok = load_tokenizer(TokenizerConfig(kind="gpt2", path=str(shared_data / "gpt2_bpe")))
+            m = ModelConfig(
+                vocab_size=tok.vocab_size, seq_len=seq_len, n_layer=n_layer, d_model=32, n_head=4
+            )
+            cfg = Config(model=m, tokenizer=TokenizerConfig(kind="gpt2"))
+            out = tmp_path_factory.mktemp("gpt2_ckpt") / "ckpt"
+            params = model.init_params(cfg.model, jax.random.key(0))
+            checkpoint.save_params(out, config.to_dict(cfg), params, tok.to_record())
+            made[seq_len, n_layer] = out
+        return made[seq_len, n_layer]
+
+    return make

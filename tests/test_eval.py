@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import checkpoint, cli, config, model, xla_cpu
-from gptjax.config import Config, MeshConfig, ModelConfig, TokenizerConfig
+from gptjax import cli, model, xla_cpu
+from gptjax.config import MeshConfig, TokenizerConfig
 from gptjax.eval import fewshot, harness, loaders, metrics, score_program, tasks
 from gptjax.eval.buckets import fit_shapes
 from gptjax.eval.scoring import (
@@ -39,17 +39,8 @@ def tok(shared_data):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tok, tmp_path_factory):
-    cfg = Config(
-        model=ModelConfig(
-            vocab_size=tok.vocab_size, seq_len=N_CTX, n_layer=2, d_model=32, n_head=4
-        ),
-        tokenizer=TokenizerConfig(kind="gpt2"),
-    )
-    params = model.init_params(cfg.model, jax.random.key(0))
-    out = tmp_path_factory.mktemp("eval") / "ckpt"
-    checkpoint.save_params(out, config.to_dict(cfg), params, tok.to_record())
-    return out
+def ckpt(gpt2_checkpoint):
+    return gpt2_checkpoint(seq_len=N_CTX, n_layer=2)
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,11 @@ tables, and `gptjax eval` running each of them with beam search and greedily."""
 
 import json
 
-import jax
 import pytest
 
-from gptjax import checkpoint, cli, config, model
-from gptjax.config import Config, ModelConfig, TokenizerConfig
+from gptjax import cli
 from gptjax.eval import fewshot, generation, metrics, synthetic, tasks
 from gptjax.eval.tasks import EvalInputError
-from gptjax.tokenizer import load_tokenizer
 
 SYNTHETIC = "gpt3_synthetic"
 
@@ -167,16 +164,8 @@ def test_paper_tables_layout():
 
 
 @pytest.fixture(scope="module")
-def ckpt(shared_data, tmp_path_factory):
-    tok = load_tokenizer(TokenizerConfig(kind="gpt2", path=str(shared_data / "gpt2_bpe")))
-    cfg = Config(
-        model=ModelConfig(vocab_size=tok.vocab_size, seq_len=128, n_layer=1, d_model=32, n_head=4),
-        tokenizer=TokenizerConfig(kind="gpt2"),
-    )
-    out = tmp_path_factory.mktemp("freeform") / "ckpt"
-    params = model.init_params(cfg.model, jax.random.key(0))
-    checkpoint.save_params(out, config.to_dict(cfg), params, tok.to_record())
-    return out
+def ckpt(gpt2_checkpoint):
+    return gpt2_checkpoint(seq_len=128, n_layer=1)
 
 
 def test_gptjax_eval_runs_every_freeform_task(ckpt, shared_data, tmp_path, capsys):

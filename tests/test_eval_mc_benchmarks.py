@@ -15,16 +15,13 @@ import sys
 import types
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
-from gptjax import checkpoint, cli, config, model
-from gptjax.config import Config, ModelConfig, TokenizerConfig
+from gptjax import cli
 from gptjax.eval import fewshot, harness, metrics, tasks
 from gptjax.eval.example import EvalInputError
 from gptjax.eval.scoring import EvalModel
-from gptjax.tokenizer import load_tokenizer
 
 N_CTX = 512  # a RACE article and one demonstration fit
 
@@ -231,18 +228,8 @@ def fixtures(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ckpt(shared_data, tmp_path_factory):
-    tok = load_tokenizer(TokenizerConfig(kind="gpt2", path=str(shared_data / "gpt2_bpe")))
-    cfg = Config(
-        model=ModelConfig(
-            vocab_size=tok.vocab_size, seq_len=N_CTX, n_layer=1, d_model=32, n_head=4
-        ),
-        tokenizer=TokenizerConfig(kind="gpt2"),
-    )
-    out = tmp_path_factory.mktemp("mc_ckpt") / "ckpt"
-    params = model.init_params(cfg.model, jax.random.key(0))
-    checkpoint.save_params(out, config.to_dict(cfg), params, tok.to_record())
-    return out
+def ckpt(gpt2_checkpoint):
+    return gpt2_checkpoint(seq_len=N_CTX, n_layer=1)
 
 
 @pytest.fixture(scope="module")

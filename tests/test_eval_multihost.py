@@ -18,25 +18,13 @@ import numpy as np
 import pytest
 from processes import free_port, kill_and_check_survivor
 
-from gptjax import checkpoint, config, model
-from gptjax.config import Config, ModelConfig, TokenizerConfig
-from gptjax.tokenizer import load_tokenizer
-
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = REPO / "launch" / "local.sh"
 
 
 @pytest.fixture(scope="module")
-def ckpt(shared_data, tmp_path_factory):
-    tok = load_tokenizer(TokenizerConfig(kind="gpt2", path=str(shared_data / "gpt2_bpe")))
-    cfg = Config(
-        model=ModelConfig(vocab_size=tok.vocab_size, seq_len=64, n_layer=2, d_model=32, n_head=4),
-        tokenizer=TokenizerConfig(kind="gpt2"),
-    )
-    out = tmp_path_factory.mktemp("eval_mh") / "ckpt"
-    params = model.init_params(cfg.model, jax.random.key(0))
-    checkpoint.save_params(out, config.to_dict(cfg), params, tok.to_record())
-    return out
+def ckpt(gpt2_checkpoint):
+    return gpt2_checkpoint(seq_len=64, n_layer=2)
 
 
 def env(devices: int) -> dict:
