@@ -19,6 +19,22 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_figure(fig, path: str | Path, **savefig_kw) -> Path:
+    """A matplotlib figure written as write_text_atomic writes text (a temporary name
+    beside `path`, then a rename), in the format of path's suffix; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig_kw)
+    finally:
+        plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def json_safe(obj):
     """`obj` with every NaN or infinite float replaced by None (JSON null), e.g. a
     standard error of a single sample, so json.dumps writes strict JSON."""

@@ -7,7 +7,6 @@ import functools
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -16,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.files import write_text_atomic
+from gptjax.files import save_figure, write_text_atomic
 
 
 class Device(NamedTuple):
@@ -209,19 +208,7 @@ def plot_loss(workdir: Path) -> Path | None:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    return save_figure(fig, Path(workdir) / "loss.png")
-
-
-def save_figure(fig, out: Path) -> Path:
-    """Write a matplotlib figure to out through a temporary file and a rename (a reader
-    never sees half a PNG), and close it."""
-    import matplotlib.pyplot as plt
-
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, Path(workdir) / "loss.png", dpi=100, bbox_inches="tight")
 
 
 def plot_eval(workdir: Path) -> Path | None:
@@ -253,4 +240,4 @@ def plot_eval(workdir: Path) -> Path | None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return save_figure(fig, Path(workdir) / "eval.png")
+    return save_figure(fig, Path(workdir) / "eval.png", dpi=100, bbox_inches="tight")

@@ -22,13 +22,12 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from gptjax.files import json_safe, write_text_atomic
+from gptjax.files import json_safe, save_figure, write_text_atomic
 
 HUBER_DELTA = 1e-3
 # Chinchilla's grid of initialisations (appendix D.2).
@@ -421,18 +420,9 @@ def plot(points: Points, fit3: dict, fit2: dict | None, cost, out: Path) -> list
 
 
 def save_png(fig, path: Path) -> Path:
-    """The figure as a PNG, written to a temporary name and renamed."""
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The scaling plots' PNG: laid out tight, written whole (files.save_figure)."""
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, dpi=80, format="png")
-    finally:
-        plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=80)
 
 
 # ----------------------------------------------------------------------------- command
