@@ -13,7 +13,6 @@ per row) over a cache of n_ctx slots, the cache donated as the loop carries it.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -67,8 +66,7 @@ def eval_program(cfg: Config, mesh, batch: int):
     graphdef, params = abstract_params(cfg, mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     r, s = buckets.row_bucket(batch, shards), m.seq_len
-    step = math.lcm(score_program.HEAD_BLOCK, shards)
-    n = -(-(r * s) // step) * step
+    shapes = score_program.input_shapes(r, s, shards)
     c = score_program.vocab_chunks(m.padded_vocab, mesh.shape["tensor"])
     dt = jnp.dtype(m.compute_dtype)
     head = _struct((c, m.d_model, m.padded_vocab // c), dt, mesh, (None, "embed", "vocab"))
@@ -76,10 +74,11 @@ def eval_program(cfg: Config, mesh, batch: int):
     def rows(*shape):
         return _struct(shape, jnp.int32, mesh, ("batch",) + (None,) * (len(shape) - 1))
 
-    args = (params, head, *(rows(r, s) for _ in range(4)), rows(n), rows(n))
-    args += (jax.ShapeDtypeStruct((), jnp.int32),)
+    # every input but the last, the scalar count of head blocks, is split by rows
+    args = (params, head, *(rows(*shape) for shape in shapes[:-1]))
+    args += (jax.ShapeDtypeStruct(shapes[-1], jnp.int32),)
     shape = (
-        f"{r} rows x {s} tokens of packed requests, {n} scored positions, LM head in "
+        f"{r} rows x {s} tokens of packed requests, {shapes[4][0]} scored positions, LM head in "
         f"{c} vocabulary chunk(s), parameters in {m.compute_dtype}"
     )
     return jax.jit(score_program.make_score_fn(graphdef, m)), args, shape

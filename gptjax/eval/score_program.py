@@ -4,6 +4,8 @@ over rows of packed requests, and the LM head on the scored positions only."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -12,6 +14,17 @@ from gptjax.config import ModelConfig
 
 HEAD_BLOCK = 128  # positions per LM-head block in make_score_fn
 HEAD_WIDTH = 4096  # at most this many vocabulary entries per LM-head chunk
+
+
+def input_shapes(rows: int, length: int, shards: int = 1) -> list[tuple[int, ...]]:
+    """Shapes of make_score_fn's int32 inputs after the weights, for `rows` rows of
+    `length` tokens split over `shards` batch shards: tokens, positions, doc, seg
+    [rows, length]; src, target [N]; blocks []. N, the scored entries, is at most one
+    per token (scoring._Group.size), rounded up to whole head blocks on every shard: a
+    function of the shape, so no shape of its own."""
+    step = math.lcm(HEAD_BLOCK, shards)
+    n = -(-(rows * length) // step) * step
+    return [(rows, length)] * 4 + [(n,)] * 2 + [()]
 
 
 def vocab_chunks(padded_vocab: int, multiple: int = 1) -> int:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -48,7 +47,13 @@ import numpy as np
 
 from gptjax.config import ModelConfig
 from gptjax.eval.buckets import fit_shapes, length_bucket, row_bucket
-from gptjax.eval.score_program import HEAD_BLOCK, make_score_fn, scoring_head, vocab_chunks
+from gptjax.eval.score_program import (
+    HEAD_BLOCK,
+    input_shapes,
+    make_score_fn,
+    scoring_head,
+    vocab_chunks,
+)
 from gptjax.xla_cpu import throttle
 
 log = logging.getLogger(__name__)
@@ -324,7 +329,7 @@ class Scorer:
                     src.extend(range(j * s + at, j * s + at + m))
                     tok.extend(c)
                     at += m
-        n = self._n_scored(r, s)
+        (n,) = input_shapes(r, s, self.shards)[4]  # the LM head skips blocks beyond src's
         src_n = np.zeros((n,), np.int32)  # padding entries score position 0, discarded
         src_n[: len(src)] = src
         tok_n = np.zeros((n,), np.int32)
@@ -348,9 +353,7 @@ class Scorer:
             sh = None if self.mesh is None or not shape else batch_sharding(self.mesh, len(shape))
             return jax.ShapeDtypeStruct(shape, np.int32, sharding=sh)
 
-        _, r, s = key
-        n = self._n_scored(r, s)
-        abstract = [spec(r, s), spec(r, s), spec(r, s), spec(r, s), spec(n), spec(n), spec()]
+        abstract = [spec(*shape) for shape in input_shapes(*key[1:], self.shards)]
 
         def compile_():
             start = time.perf_counter()
@@ -359,12 +362,6 @@ class Scorer:
             return out
 
         self._compiled[key] = self._pool.submit(lambda: self._call(compile_))
-
-    def _n_scored(self, r: int, s: int) -> int:
-        """Scored entries of an (r, s) batch: at most one per token (_Group.size), a
-        function of the shape. The LM head skips the blocks beyond the real ones."""
-        step = math.lcm(HEAD_BLOCK, self.shards)
-        return -(-(r * s) // step) * step
 
     def _compile_tokens(self) -> float:
         """What compiling one more shape costs, in padded tokens of scoring: the mean
